@@ -156,14 +156,19 @@ class Attention(nn.Module):
         else:
             q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
-        if self.cache is None and use_triton(self.kernels, x):
-            # Fused attention over the new tokens only (training, or a prefill without cache).
+        if self.cache is not None:
+            # Remember this step's keys and values; attention below sees every slot so far.
+            k_all, v_all = self.cache.update(start_pos, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
+        if start_pos == 0 and use_triton(self.kernels, x):
+            # Training or prefill: the new tokens are all the keys there are, so the fused kernel applies.
             from kernels import flash_attention
             out = flash_attention(q, k, v, causal=True, segment_ids=segment_ids)  # (B, T, H, D)
         else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+            q = q.transpose(1, 2)  # (B, H, T, D)
             if self.cache is not None:
-                k, v = self.cache.update(start_pos, k, v)  # (B, H_kv, S, D)
+                k, v = k_all, v_all
+            else:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
             # enable_gqa lets each group of H / H_kv query heads share one K/V head without copying it.
             # softmax runs in fp32 inside SDPA, as Meta's explicit `.float()` does.
             out = F.scaled_dot_product_attention(
