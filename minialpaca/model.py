@@ -266,14 +266,17 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_segments = None
 
-    def forward(self, tokens, start_pos: int = 0, positions=None, segment_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab) in fp32.
+    def forward(self, tokens, start_pos: int = 0, positions=None, segment_ids=None, labels=None):
+        """tokens (B, T) -> logits (B, T, vocab) in fp32; or, given labels, the summed training loss.
 
         start_pos:   with a KV cache, the cache slot of tokens[:, 0] (tokens so far). Causality is by slot.
         positions:   (B, T) rotary positions; default start_pos + arange(T). Packed rows restart them at
                      each example; left-padded decoding shifts them per row.
         segment_ids: (B, T) ints; a token attends only to earlier tokens of its own segment (packed
                      examples, or padding kept apart from text). With a cache they are remembered per slot.
+        labels:      (B, T) target ids aligned with tokens, -100 where nothing is learned: the logits at t
+                     predict labels[t + 1]. Returns the loss *summed* over targets, so the caller can
+                     normalize by the target count of a whole global batch.
         """
         B, T = tokens.shape
         if positions is None:
@@ -285,7 +288,15 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask, segment_ids)
-        return self.output(self.norm(h)).float()  # (B, T, vocab)
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h).float()  # (B, T, vocab)
+        return self.loss(h[:, :-1], labels[:, 1:])
+
+    def loss(self, h, targets):
+        """Summed next-token cross-entropy of hidden states h (B, T, dim) against targets (B, T)."""
+        logits = self.output(h).float()  # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
     def attention_mask(self, B, T, start_pos, segment_ids, device):
         """The boolean mask (B, 1, T, S) of the keys each query may see, or None when plain causal
