@@ -175,16 +175,19 @@ def batch_to(batch: dict, device) -> dict:
 # ---- model
 
 
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer, dist: distributed.Dist, param_dtype: torch.dtype):
-    """The model on the meta device, then sharded, then filled: rank 0 reads the weights (or makes the
-    initial ones) on the CPU and each rank receives only its shards."""
+def model_args(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelArgs:
     if cfg.model:
         args, _ = read_checkpoint(cfg.model, load_tensors=False)
     else:
         args = get_preset(cfg.model_preset, vocab_size=tokenizer.vocab_size)
     args.max_seq_len = max(args.max_seq_len, cfg.max_seq_len)
     check_tokenizer(args, tokenizer)
+    return args
 
+
+def build_model(cfg: TrainConfig, args: ModelArgs, dist: distributed.Dist, param_dtype: torch.dtype):
+    """The model on the meta device, then sharded, then filled: rank 0 reads the weights (or makes the
+    initial ones) on the CPU and each rank receives only its shards."""
     with torch.device("meta"):
         model = Transformer(args, kernels=cfg.kernels)
     if cfg.activation_checkpointing:
@@ -206,7 +209,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, dist: distributed.Dist, 
             fresh.init_weights(seed=cfg.seed)
             state_dict = fresh.state_dict()
     distributed.load_full_state_dict(model, state_dict)
-    return model, args
+    return model
 
 
 def build_optimizer(model, cfg: TrainConfig, device):
@@ -319,7 +322,17 @@ def main(argv=None) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
 
-    model, args = build_model(cfg, tokenizer, dist, dtype)
+    args = model_args(cfg, tokenizer)
+    resume_from = None
+    if cfg.resume:
+        found = distributed.list_checkpoints(ckpt_root)
+        resume_from = found[-1] if found else None
+        if resume_from is None:
+            log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
+        elif (saved := json.loads((resume_from / "trainer_state.json").read_text())["model_args"]) != args.to_dict():
+            raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved} vs this run's {args.to_dict()}")
+
+    model = build_model(cfg, args, dist, dtype)
     optimizer = build_optimizer(model, cfg, dist.device)
     # On one process, bf16 compute comes from autocast; under FSDP2 from its mixed-precision policy.
     single_bf16 = not dist.sharded and dtype == torch.bfloat16
@@ -331,17 +344,9 @@ def main(argv=None) -> int:
         f"{cfg.micro_batch_size} per process), {sampler.steps_per_epoch} steps per epoch, warmup {warmup_steps}")
 
     step = 0
-    if cfg.resume:
-        found = distributed.list_checkpoints(ckpt_root)
-        if found:
-            saved = json.loads((found[-1] / "trainer_state.json").read_text())
-            if saved["model_args"] != args.to_dict():
-                raise ConfigError(f"checkpoint {found[-1]} is of another model shape: {saved['model_args']} "
-                                  f"vs this run's {args.to_dict()}")
-            step = distributed.load_checkpoint(found[-1], model, optimizer)["step"]
-            log(f"resumed from {found[-1]} at step {step}")
-        else:
-            log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
+    if resume_from is not None:
+        step = distributed.load_checkpoint(resume_from, model, optimizer)["step"]
+        log(f"resumed from {resume_from} at step {step}")
 
     metrics_path = out / "metrics.jsonl"
     if dist.is_main:

@@ -1,0 +1,201 @@
+"""train.py end to end on the CPU: 1 vs 2 processes, exact resume, SIGTERM, sharded memory, export, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minialpaca.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+WORDS = "red green blue cat dog bird one two three big small fast slow up down left right".split()
+
+
+def make_records(n):
+    records = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(2 + i % 4)]
+        if i % 3 == 0:
+            records.append({"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])})
+        else:
+            records.append({"instruction": f"Say {words[0]} twice.", "input": "", "output": f"{words[0]} {words[0]}"})
+    return records
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A small data file and a tokenizer trained on it, shared by the tests of this module."""
+    d = tmp_path_factory.mktemp("train")
+    records = make_records(96)
+    (d / "data.json").write_text(json.dumps(records))
+    from minialpaca.data import format_prompt
+
+    texts = [format_prompt(r["instruction"], r["input"]) + " " + r["output"] for r in records] * 4
+    Tokenizer.train(texts, d / "tokenizer.model", vocab_size=400)
+    return d
+
+
+def base_args(workdir, out, *extra):
+    return ["--data", str(workdir / "data.json"), "--tokenizer", str(workdir / "tokenizer.model"), "--out", str(out),
+            "--preset", "tiny", "--global-batch-size", "8", "--micro-batch-size", "2", "--max-seq-len", "96",
+            "--lr", "3e-3", "--eval-examples", "4", "--max-new-tokens", "4", "--kernels", "torch", *extra]
+
+
+def run_train(args, nproc=1, check=True, env=None):
+    cmd = [PY, "train.py", *args] if nproc == 1 else [
+        PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if not r.get("eval")}
+
+
+def test_two_processes_match_one_and_resume_is_exact(workdir, tmp_path):
+    one = tmp_path / "one"
+    run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "5"))
+    two = tmp_path / "two"
+    run_train(base_args(workdir, two, "--max-steps", "6", "--micro-batch-size", "1"), nproc=2)
+    l1, l2 = train_losses(one), train_losses(two)
+    assert sorted(l1) == list(range(1, 7))
+    for step in l1:  # same global batch, split 4x2 on one process vs 4x1 on each of two: the same losses
+        assert abs(l1[step] - l2[step]) < 1e-5, (step, l1[step], l2[step])
+    assert l1[6] < l1[1]
+
+    # Interrupted after step 2: throw away what came later, resume, and get the very same losses.
+    import shutil
+
+    for name in ("step-4", "step-6"):
+        shutil.rmtree(one / "checkpoints" / name)
+    shutil.rmtree(one / "final")
+    proc = run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--resume"))
+    assert "resumed from" in proc.stderr and "step-2" in proc.stderr
+    assert train_losses(one) == l1  # metrics.jsonl rewritten from step 3 on, with identical numbers
+
+
+def test_sigterm_saves_a_loadable_checkpoint(workdir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [PY, "train.py", *base_args(workdir, out, "--epochs", "100", "--micro-batch-size", "8")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by signal" in err
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and ckpts[0].name.startswith("step-") and not ckpts[0].name.endswith(".tmp")
+    step = int(ckpts[0].name[5:])
+    assert step >= 2
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] == step
+    # It loads: resume continues from it.
+    proc = run_train(base_args(workdir, out, "--epochs", "100", "--max-steps", str(step + 1), "--resume", "--micro-batch-size", "8"))
+    assert f"resumed from {ckpts[0]}" in proc.stderr
+
+
+SHARD_SCRIPT = """
+import json, sys, torch
+from minialpaca import distributed
+from minialpaca.model import Transformer
+from minialpaca.presets import get_preset
+d = distributed.setup("cpu")
+with torch.device("meta"):
+    model = Transformer(get_preset("tiny", vocab_size=256))
+distributed.shard_model(model)
+model.to_empty(device="cpu"); model.reset_rope("cpu")
+full = Transformer(get_preset("tiny", vocab_size=256)).state_dict() if d.is_main else None
+distributed.load_full_state_dict(model, full)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+tokens = torch.randint(0, 256, (2, 16))
+model(tokens, labels=tokens).backward(); opt.step()
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+params = sum(local(p).numel() for p in model.parameters())
+optim = sum(local(v).numel() for s in opt.state.values() for k, v in s.items() if k != "step")
+total = sum(p.numel() for p in model.parameters())
+json.dump({"params": params, "optim": optim, "total": total}, open(sys.argv[1] + f"/rank{d.rank}.json", "w"))
+distributed.teardown()
+"""
+
+
+def test_each_rank_holds_a_shard_of_params_and_optimizer(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = ranks[0]["total"]
+    assert sum(r["params"] for r in ranks) == total
+    for r in ranks:  # about half each (FSDP2 shards every tensor on dim 0, padding the last shard)
+        assert abs(r["params"] - total / 2) <= 0.02 * total
+        assert r["optim"] == 2 * r["params"]  # Adam's two moments, sharded like the parameters
+
+
+def test_export_answers_in_generate_py(workdir, tmp_path):
+    out = tmp_path / "run"
+    run_train(base_args(workdir, out, "--max-steps", "3"))
+    final = out / "final"
+    assert (final / "params.json").is_file() and (final / "model.safetensors").is_file() and (final / "tokenizer.model").is_file()
+    proc = subprocess.run([PY, "generate.py", "--checkpoint", str(final), "--instruction", "Reverse the words.",
+                           "--input", "red cat", "--max-new-tokens", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()  # some answer was streamed
+    assert "tok/s" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/nonexistent/data.json"], "/nonexistent/data.json"),
+    (["--preset", "gigantic"], "unknown preset 'gigantic'"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"], "not a multiple of --micro-batch-size"),
+    (["--preset", "alpaca-7b"], "pass --model PATH"),
+    (["--kernels", "cuda"], "--kernels must be one of"),
+])
+def test_bad_input_is_one_clear_error(workdir, tmp_path, extra, message):
+    proc = run_train(base_args(workdir, tmp_path / "bad") + extra, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # no work started
+
+
+def test_tokenizer_that_does_not_fit_the_model(workdir, tmp_path):
+    small = Tokenizer.train([r["output"] for r in make_records(96)] * 10, tmp_path / "small.model", vocab_size=330)
+    out = tmp_path / "run"
+    run_train(base_args(workdir, out, "--max-steps", "1"))
+    proc = run_train(base_args(workdir, tmp_path / "ft", "--model", str(out / "final"), "--tokenizer", str(small.path)), check=False)
+    assert proc.returncode == 2 and "vocab" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_model_shape_is_refused(workdir, tmp_path):
+    out = tmp_path / "run"
+    run_train(base_args(workdir, out, "--max-steps", "2", "--save-every", "1"))
+    proc = run_train(base_args(workdir, out, "--max-steps", "3", "--resume", "--preset", "small-60m"), check=False)
+    assert proc.returncode == 2 and "another model shape" in proc.stderr
+
+
+def test_nan_loss_stops_without_overwriting_a_checkpoint(workdir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(base_args(workdir, out, "--max-steps", "6", "--save-every", "1", "--lr", "1e30",
+                               "--warmup-ratio", "0", "--grad-clip", "1e30"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "at step" in proc.stderr and "Traceback" not in proc.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    saved = distributed_steps(out)
+    assert saved and max(saved) == max(steps)  # every finished step was saved; the failing one was not
+
+
+def distributed_steps(out):
+    return [int(p.name[5:]) for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp")]
