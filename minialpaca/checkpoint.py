@@ -81,10 +81,27 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _torch_load(path: Path) -> StateDict:
+    # mmap: tensors stay on disk until used; weights_only: a checkpoint is data and may not run code.
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of plain tensors ({reason})") from None
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+
+
 def _require(config: dict, fields, path: Path) -> None:
     missing = [f for f in fields if f not in config]
     if missing:
-        raise CheckpointError(f"{path}: missing config {_plural(len(missing), 'field')}: {', '.join(missing)}")
+        raise CheckpointError(f"{path}: missing config field{'s' * (len(missing) > 1)}: {', '.join(missing)}")
 
 
 def _model_args(path: Path, **kwargs) -> ModelArgs:
@@ -140,7 +157,7 @@ def read_meta(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     params = _read_json(config_path)
     _require(params, ["dim", "n_layers", "n_heads"], config_path)
     files = sorted(path.glob("consolidated.*.pth"))
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_torch_load(f) for f in files]
     for shard in shards:
         shard.pop("rope.freqs", None)  # a precomputed rotary table in LLaMA-1 files; we derive ours
 
@@ -259,8 +276,6 @@ def with_hidden_dim(args: ModelArgs, hidden_dim: int) -> ModelArgs:
 def read_hf(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     """A Hugging Face LlamaForCausalLM directory: config.json and model.safetensors, or shards listed in
     model.safetensors.index.json. Renamed to Meta's names, with wq/wk rows un-permuted."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -298,7 +313,7 @@ def read_hf(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     # Which file holds which tensor.
     index_path = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", framework="pt") as f:
+        with _safe_open(path / "model.safetensors") as f:
             file_of = {name: path / "model.safetensors" for name in f.keys()}
     elif index_path.is_file():
         weight_map = _read_json(index_path).get("weight_map")
@@ -316,7 +331,7 @@ def read_hf(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
 
     shapes = {}
     for file in sorted(set(file_of.values())):
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             for name in f.keys():
                 if name in file_of and file_of[name] == file:
                     shapes[hf_to_meta_name(name)] = tuple(f.get_slice(name).get_shape())
@@ -330,7 +345,7 @@ def read_hf(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
 
     state_dict = {}
     for file in sorted(set(file_of.values())):
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             for hf_name, fl in file_of.items():
                 if fl != file:
                     continue
@@ -408,8 +423,6 @@ def read_llama2c(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
 
 def read_own(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     """Our format: params.json (the ModelArgs fields) and model.safetensors under Meta's names."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -417,7 +430,7 @@ def read_own(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     params = _read_json(config_path)
     _require(params, ["dim", "n_layers", "n_heads", "vocab_size"], config_path)
     args = _model_args(config_path, **_known_fields(params))
-    with safe_open(weights_path, framework="pt") as f:
+    with _safe_open(weights_path) as f:
         check_names_and_shapes(args, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, weights_path)
         state_dict = {name: _cast(f.get_tensor(name), dtype) for name in f.keys()}
     return args, state_dict
