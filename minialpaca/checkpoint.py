@@ -104,6 +104,11 @@ def _require(config: dict, fields, path: Path) -> None:
         raise CheckpointError(f"{path}: missing config field{'s' * (len(missing) > 1)}: {', '.join(missing)}")
 
 
+def _known_fields(params: dict) -> dict:
+    """The entries of a params.json that are ModelArgs fields (Meta's also hold others)."""
+    return {k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__}
+
+
 def _model_args(path: Path, **kwargs) -> ModelArgs:
     try:
         return ModelArgs(**kwargs)
@@ -156,7 +161,11 @@ def read_meta(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     config_path = path / "params.json"
     params = _read_json(config_path)
     _require(params, ["dim", "n_layers", "n_heads"], config_path)
-    files = sorted(path.glob("consolidated.*.pth"))
+    if params.get("use_scaled_rope"):
+        raise CheckpointError(f"{config_path}: use_scaled_rope (Llama 3.1's RoPE scaling) is not supported")
+    files = sorted(path.glob("consolidated.*.pth"))  # zero-padded: 00, 01, ..., in model-parallel rank order
+    if not files:
+        raise CheckpointError(f"Meta checkpoint {path}: no consolidated.*.pth files")
     shards = [_torch_load(f) for f in files]
     for shard in shards:
         shard.pop("rope.freqs", None)  # a precomputed rotary table in LLaMA-1 files; we derive ours
@@ -206,9 +215,6 @@ def read_meta(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
             state_dict[name] = _cast(parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim), dtype)
     return args, state_dict
 
-
-def _known_fields(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__}
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
@@ -324,7 +330,8 @@ def read_hf(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
             if not file.is_file():
                 raise CheckpointError(f"{index_path}: lists {file.name}, which does not exist")
     else:
-        raise CheckpointError(f"Hugging Face checkpoint {path}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(f"Hugging Face checkpoint {path}: no model.safetensors or model.safetensors.index.json"
+                              f" (pickled pytorch_model.bin files are not loaded)")
     # Older conversions also saved the rotary table (a buffer); tied models may still carry lm_head.
     file_of = {n: f for n, f in file_of.items()
                if not n.endswith("rotary_emb.inv_freq") and not (tied and n == "lm_head.weight")}
@@ -371,6 +378,10 @@ def read_llama2c(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
     writes them. A negative vocab_size means the classifier is stored separately (not shared)."""
     path = Path(path)
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # a zip archive: torch.save's format, which may hold pickled code
+            raise CheckpointError(f"{path}: is a PyTorch archive (like Hugging Face's pytorch_model.bin), not a "
+                                  f"llama2.c file; only safetensors are read for Hugging Face checkpoints")
     if size < 4 * _LLAMA2C_HEADER:
         raise CheckpointError(f"{path}: {size} bytes is too short for a llama2.c header")
     header = tuple(int(x) for x in np.fromfile(path, dtype="<i4", count=_LLAMA2C_HEADER))

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minialpaca.checkpoint import (CheckpointError, check_tokenizer, detect_format, find_tokenizer, hf_permute,
-                                   hf_unpermute, load_model, save_hf, save_model, save_state_dict)
+                                   hf_unpermute, load_model, save_hf, save_model, save_state_dict,
+                                   with_hidden_dim)
 from minialpaca.model import ModelArgs, Transformer
 from minialpaca.tokenizer import Tokenizer
 
@@ -113,7 +114,7 @@ def test_stories260k_formats_agree_and_tell_about_lily(shared_data):
     assert tokenizer.encode("Once upon a time") == STORY_PROMPT
     check_tokenizer(models["meta"], tokenizer)
     assert find_tokenizer(root / "meta") == root / "meta" / "tokenizer.model"
-    story = tokenizer.decode(greedy(models["hf"], STORY_PROMPT, 30))
+    story = tokenizer.decode(greedy(models["hf"], STORY_PROMPT, 20))
     assert story.startswith("Once upon a time") and "Lily" in story, story
 
 
@@ -192,6 +193,15 @@ def test_hf_permutation_is_the_half_split_rotation():
     evens_then_odds = list(range(0, D, 2)) + list(range(1, D, 2))
     torch.testing.assert_close(hf, meta[:, evens_then_odds])
     torch.testing.assert_close(hf_unpermute(hf_permute(w, n_heads), n_heads), w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim, hidden", [(4096, 11008), (8192, 28672), (4096, 14336), (3200, 8640), (64, 172),
+                                         (128, 40)], ids=["llama-7b", "llama2-70b", "llama3-8b", "open-llama-3b",
+                                                          "stories260K", "smaller-than-meta-rule"])
+def test_any_hf_intermediate_size_is_reproduced(dim, hidden):
+    args = with_hidden_dim(ModelArgs(dim=dim, n_heads=dim // 64 or 1), hidden)
+    assert args.hidden_dim == hidden
+    assert ModelArgs.from_dict(json.loads(json.dumps(args.to_dict()))).hidden_dim == hidden  # survives params.json
 
 
 def test_hf_round_trip(tmp_path):
@@ -344,6 +354,9 @@ def test_files_that_are_not_what_they_claim(tmp_path):
     (folder / "model.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):
         load_model(folder)
+    torch.save({"x": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: is a PyTorch archive"):
+        load_model(tmp_path / "pytorch_model.bin")
     (tmp_path / "short.bin").write_bytes(b"\x00" * 12)
     with pytest.raises(CheckpointError, match="short.bin: 12 bytes is too short for a llama2.c header"):
         load_model(tmp_path / "short.bin")
