@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from minialpaca import distributed
-from minialpaca.checkpoint import CheckpointError, check_tokenizer, find_tokenizer, read_checkpoint, save_hf, save_state_dict
+from minialpaca.checkpoint import CheckpointError, check_tokenizer, find_tokenizer, read_checkpoint, save_state_dict
 from minialpaca.data import DataError, StepSampler, collate, encode_records, format_prompt, load_records, pack_examples
 from minialpaca.generation import generate
 from minialpaca.model import KERNEL_CHOICES, ModelArgs, Transformer
@@ -175,18 +175,22 @@ def batch_to(batch: dict, device) -> dict:
 # ---- model
 
 
-def model_args(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelArgs:
+def model_args(cfg: TrainConfig, tokenizer: Tokenizer, dist: distributed.Dist):
+    """The model's shape, and on rank 0 the pretrained weights (memory-mapped on the CPU; None elsewhere)."""
+    pretrained = None
     if cfg.model:
-        args, _ = read_checkpoint(cfg.model, load_tensors=False)
+        if dist.is_main:  # only rank 0 reads the weights; the others learn the shape from it
+            args, pretrained = read_checkpoint(cfg.model, dtype=torch.float32)
+        args = distributed.broadcast_object(args if dist.is_main else None)
     else:
         args = get_preset(cfg.model_preset, vocab_size=tokenizer.vocab_size)
     args.max_seq_len = max(args.max_seq_len, cfg.max_seq_len)
     check_tokenizer(args, tokenizer)
-    return args
+    return args, pretrained
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, dist: distributed.Dist, param_dtype: torch.dtype):
-    """The model on the meta device, then sharded, then filled: rank 0 reads the weights (or makes the
+def build_model(cfg: TrainConfig, args: ModelArgs, pretrained, dist: distributed.Dist, param_dtype: torch.dtype):
+    """The model on the meta device, then sharded, then filled: rank 0 holds the weights (or makes the
     initial ones) on the CPU and each rank receives only its shards."""
     with torch.device("meta"):
         model = Transformer(args, kernels=cfg.kernels)
@@ -199,15 +203,12 @@ def build_model(cfg: TrainConfig, args: ModelArgs, dist: distributed.Dist, param
     model.to_empty(device=dist.device)
     model.reset_rope(dist.device)
 
-    state_dict = None
-    if dist.is_main:
-        if cfg.model:
-            _, state_dict = read_checkpoint(cfg.model)
-        else:
-            with torch.device("cpu"):
-                fresh = Transformer(args)
-            fresh.init_weights(seed=cfg.seed)
-            state_dict = fresh.state_dict()
+    state_dict = pretrained
+    if dist.is_main and pretrained is None:  # from scratch: the same initial weights for any world size
+        with torch.device("cpu"):
+            fresh = Transformer(args)
+        fresh.init_weights(seed=cfg.seed)
+        state_dict = fresh.state_dict()
     distributed.load_full_state_dict(model, state_dict)
     return model
 
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
 
-    args = model_args(cfg, tokenizer)
+    args, pretrained = model_args(cfg, tokenizer, dist)
     resume_from = None
     if cfg.resume:
         found = distributed.list_checkpoints(ckpt_root)
@@ -332,7 +333,8 @@ def main(argv=None) -> int:
         elif (saved := json.loads((resume_from / "trainer_state.json").read_text())["model_args"]) != args.to_dict():
             raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved} vs this run's {args.to_dict()}")
 
-    model = build_model(cfg, args, dist, dtype)
+    model = build_model(cfg, args, pretrained, dist, dtype)
+    del pretrained
     optimizer = build_optimizer(model, cfg, dist.device)
     # On one process, bf16 compute comes from autocast; under FSDP2 from its mixed-precision policy.
     single_bf16 = not dist.sharded and dtype == torch.bfloat16
@@ -441,7 +443,7 @@ def finish(cfg, model, args, tokenizer, held_out, dist, out, metrics_path, log):
     final = out / "final"
     save_state_dict(state_dict, args, final, tokenizer.path)
     if cfg.hf_export:
-        save_hf(state_dict, args, out / "final-hf", tokenizer.path)
+        save_state_dict(state_dict, args, out / "final-hf", tokenizer.path, format="hf")
     log(f"exported {final} (load it with minialpaca.load_model or generate.py)")
 
     plain = Transformer(args)

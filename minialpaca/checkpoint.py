@@ -453,12 +453,16 @@ READERS: Dict[str, Callable[..., Tuple[ModelArgs, StateDict]]] = {
 
 # ---------------------------------------------------------------------------------------------- building
 
+def read_checkpoint(path, dtype=None) -> Tuple[ModelArgs, StateDict]:
+    """(ModelArgs, state dict under Meta's names) of the checkpoint at `path`, whatever its format."""
+    return READERS[detect_format(path)](path, dtype=dtype)
+
+
 def load_model(path, device="cpu", dtype=torch.float32, kernels="torch", max_seq_len=None) -> Transformer:
     """The model stored at `path` (any supported format, detected), in eval mode on `device` in `dtype`
     (None keeps the stored dtype). max_seq_len overrides the checkpoint's context length (rotary tables and
     cache limit)."""
-    fmt = detect_format(path)
-    args, state_dict = READERS[fmt](path, dtype=dtype)
+    args, state_dict = read_checkpoint(path, dtype=dtype)
     if max_seq_len is not None:
         args = replace(args, max_seq_len=max_seq_len)
     return build_model(args, state_dict, device=device, kernels=kernels)

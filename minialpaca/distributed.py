@@ -114,10 +114,7 @@ def load_full_state_dict(model, state_dict: Optional[dict]):
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
     else:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=False)
-        missing = [k for k in missing if "rope" not in k]
-        if missing or unexpected:
-            raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+        model.load_state_dict(state_dict, strict=True)  # names and shapes were checked when read
 
 
 def full_state_dict(model) -> dict:
