@@ -200,6 +200,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, kernels: str = "torch"):
         super().__init__()
         self.layer_id = layer_id
+        self.kernels = kernels
         self.attention = Attention(args, kernels)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, kernels)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, kernels)
@@ -207,8 +208,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, start_pos=0, mask=None, segment_ids=None):
         # Pre-norm residual blocks: the residual stream x is never normalized in place.
+        if use_triton(self.kernels, x):
+            return self.forward_fused(x, cos, sin, start_pos, mask, segment_ids)
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask, segment_ids)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_fused(self, x, cos, sin, start_pos=0, mask=None, segment_ids=None):
+        """forward with the residual add and the norm that reads its result in one kernel: one pass over
+        the residual stream instead of two."""
+        from kernels import add_rms_norm
+        attn = self.attention(self.attention_norm(x), cos, sin, start_pos, mask, segment_ids)
+        h, normed = add_rms_norm(attn, x, self.ffn_norm.weight, self.ffn_norm.eps)  # h = attn + x
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
