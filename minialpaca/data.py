@@ -62,7 +62,7 @@ def validate_record(record, index: int, path) -> dict:
 
 def load_records(path) -> list:
     """Read Alpaca records from a JSON file holding a list, or from JSON Lines (one object per line; chosen by
-    the .jsonl suffix or sniffed when the file is not a single JSON value). Every record is validated before
+    the .jsonl suffix unless the file opens with "[", or sniffed when the file is not a single JSON value). Every record is validated before
     anything else happens; the first problem raises DataError with the file, the record index and what is wrong."""
     path = Path(path)
     if not path.is_file():
@@ -73,7 +73,7 @@ def load_records(path) -> list:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" and not text.lstrip().startswith("["):
         records = _parse_jsonl(text, path)
     else:
         try:
