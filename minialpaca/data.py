@@ -6,6 +6,7 @@ and the padding efficiency of each batching strategy.
 import argparse
 import bisect
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,15 @@ def load_records(path) -> list:
     if not records:
         raise DataError(f"{path}: contains no records")
     return [validate_record(r, i, path) for i, r in enumerate(records)]
+
+
+def save_records(path, records):
+    """Write records as an Alpaca JSON list, atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(list(records), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _parse_jsonl(text: str, path) -> list:

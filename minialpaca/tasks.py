@@ -10,6 +10,7 @@ alone, so no prompt of the held-out set is ever trained on, whatever the seed or
 is a fact to remember (the opposite of a word, its first letter, the next letter) hold out one phrasing per
 item instead, so every item is trained on with its other phrasings and tested with an unseen one.
 """
+import argparse
 import hashlib
 import json
 import random
@@ -18,7 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from .data import format_prompt
+from .data import format_prompt, save_records
 from .tokenizer import Tokenizer
 
 WORDS = (
@@ -79,7 +80,7 @@ def _join(xs) -> str:
 
 def _count_range(rng):
     a = rng.randrange(21)
-    return {"a": a, "b": a + rng.randint(2, 5)}
+    return {"a": a, "b": a + rng.randint(2, 4)}
 
 
 def _item(rng, items):
@@ -90,7 +91,7 @@ def _item(rng, items):
 _TASK_LIST = [
     Task("reverse_words",
          ["Reverse the order of the words.", "Write these words in reverse order.", "Reverse the word order."],
-         lambda rng: (rng.randrange(3), None, _words(rng, 3, 5)),
+         lambda rng: (rng.randrange(3), None, _words(rng, 3, 4)),
          lambda words: _join(words.split()[::-1]), input="{words}"),
     Task("sort_numbers",
          ["Sort these numbers from smallest to largest.", "Sort the numbers in ascending order.",
@@ -111,7 +112,7 @@ _TASK_LIST = [
          lambda words: str(len(words.split())), input="{words}"),
     Task("repeat_word",
          ["Repeat the word {w} {n} times.", "Write {w} {n} times.", "Say the word {w} {n} times."],
-         lambda rng: (rng.randrange(3), None, {"w": rng.choice(WORDS), "n": rng.randint(2, 5)}),
+         lambda rng: (rng.randrange(3), None, {"w": rng.choice(WORDS), "n": rng.randint(2, 4)}),
          lambda w, n: _join([w] * n)),
     Task("antonym",
          ["What is the opposite of {x}?", "Give the antonym of {x}.", "What is the opposite of the word {x}?"],
@@ -206,3 +207,20 @@ def demo_tokenizer(cache_dir=None, vocab_size: int = 512) -> Tokenizer:
     if path.is_file():
         return Tokenizer(path)
     return Tokenizer.train(texts, path, vocab_size)  # writes atomically: concurrent ranks are safe
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minialpaca.tasks",
+                                     description="Write the task suite as an Alpaca JSON file.")
+    parser.add_argument("out", help="path of the JSON file to write")
+    parser.add_argument("--split", choices=SPLITS, default="train")
+    parser.add_argument("--n-per-task", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    records = make_records(args.split, args.n_per_task, args.seed)
+    save_records(args.out, records)
+    print(f"wrote {len(records)} {args.split} records of {len(TASKS)} tasks to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
