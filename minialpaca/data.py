@@ -8,6 +8,7 @@ import bisect
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,13 +59,14 @@ def validate_record(record, index: int, path) -> dict:
             raise DataError(f"{where}: field {key!r} must be a string, found {_json_type(record[key])}")
     if not record["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
-    return {**record, "instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]}
+    return {**record, "input": record.get("input", "")}
 
 
 def load_records(path) -> list:
-    """Read Alpaca records from a JSON file holding a list, or from JSON Lines (one object per line; chosen by
-    the .jsonl suffix unless the file opens with "[", or sniffed when the file is not a single JSON value). Every record is validated before
-    anything else happens; the first problem raises DataError with the file, the record index and what is wrong."""
+    """Read Alpaca records from a JSON file holding a list, or from JSON Lines: one object per line, chosen by
+    the .jsonl suffix (unless the file opens with "[") or sniffed when the file is not a single JSON value.
+    Every record is validated before anything else happens; the first problem raises DataError with the file,
+    the record index and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -358,6 +360,9 @@ def check(path, tokenizer_path=None, max_seq_len: int = 512, micro_batch_size: i
     n_input = sum(bool(r["input"]) for r in records)
     print(f"{path}: {n} records, all valid", file=out)
     print(f"  with input: {n_input} ({100 * n_input / n:.1f}%), without: {n - n_input}", file=out)
+    tasks = Counter(r["task"] for r in records if "task" in r)
+    if tasks:
+        print(f"  tasks: {len(tasks)} ({', '.join(f'{t} {c}' for t, c in tasks.items())})", file=out)
     if tokenizer_path is None:
         print("token statistics need a tokenizer: pass --tokenizer PATH", file=out)
         return
