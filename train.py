@@ -25,7 +25,7 @@ import torch
 
 from minialpaca import distributed
 from minialpaca.checkpoint import CheckpointError, check_tokenizer, find_tokenizer, read_checkpoint, save_state_dict
-from minialpaca.data import DataError, StepSampler, collate, encode_records, format_prompt, load_records, pack_examples
+from minialpaca.data import DataError, StepSampler, collate, encode_records, format_prompt, load_records, pack_examples, pad_id_for
 from minialpaca.generation import generate
 from minialpaca.model import KERNEL_CHOICES, ModelArgs, Transformer
 from minialpaca.presets import PRESETS, get_preset
@@ -155,17 +155,11 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, log):
             f"{stats.n_truncated} responses truncated")
     eval_examples, _ = encode_records(tokenizer, held_out, cfg.max_seq_len, cfg.train_on_inputs)
     if cfg.packing:
-        examples = pack_examples(examples, cfg.max_seq_len, pad_id(tokenizer))
-        eval_examples = pack_examples(eval_examples, cfg.max_seq_len, pad_id(tokenizer))
+        examples = pack_examples(examples, cfg.max_seq_len, pad_id_for(tokenizer))
+        eval_examples = pack_examples(eval_examples, cfg.max_seq_len, pad_id_for(tokenizer))
     log(f"data: {len(train_records)} training records -> {len(examples)} {'packed rows' if cfg.packing else 'examples'}, "
         f"{stats.n_target_tokens} target tokens; {len(held_out)} held out")
     return examples, eval_examples, held_out
-
-
-def pad_id(tokenizer: Tokenizer) -> int:
-    # LLaMA's tokenizer has no pad piece; any id works since padded positions carry no loss and,
-    # being on the right, are never attended to by real tokens.
-    return tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -276,7 +270,7 @@ def held_out_loss(model, examples, cfg, tokenizer, device, autocast) -> float:
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for i in range(0, len(examples), cfg.micro_batch_size):
-        batch = batch_to(collate(examples[i : i + cfg.micro_batch_size], pad_id(tokenizer)), device)
+        batch = batch_to(collate(examples[i : i + cfg.micro_batch_size], pad_id_for(tokenizer)), device)
         with autocast:
             total += model(batch["input_ids"], positions=batch.get("positions"),
                            segment_ids=batch.get("segment_ids"), labels=batch["labels"])
@@ -375,7 +369,7 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_at(step, total_steps, warmup_steps)
         epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
-        micro_batches = [batch_to(collate([examples[i] for i in idx], pad_id(tokenizer)), dist.device)
+        micro_batches = [batch_to(collate([examples[i] for i in idx], pad_id_for(tokenizer)), dist.device)
                          for idx in sampler.micro_batches(epoch, step_in_epoch)]
         # Normalize by the target tokens of the *global* batch (all micro-batches, all ranks): each token
         # then weighs the same however the batch is split, so 1 process and N processes agree.

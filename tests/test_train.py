@@ -147,7 +147,7 @@ def test_each_rank_holds_a_shard_of_params_and_optimizer(tmp_path):
 
 def test_export_answers_in_generate_py(workdir, tmp_path):
     out = tmp_path / "run"
-    run_train(base_args(workdir, out, "--max-steps", "3"))
+    run_train(base_args(workdir, out, "--epochs", "8", "--micro-batch-size", "8"))
     final = out / "final"
     assert (final / "params.json").is_file() and (final / "model.safetensors").is_file() and (final / "tokenizer.model").is_file()
     proc = subprocess.run([PY, "generate.py", "--checkpoint", str(final), "--instruction", "Reverse the words.",
