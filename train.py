@@ -306,7 +306,11 @@ def main(argv=None) -> int:
         from minialpaca.tasks import demo_tokenizer
 
         tokenizer = demo_tokenizer()
+    args, pretrained = model_args(cfg, tokenizer, dist)  # the tokenizer must fit the model: check it first
     examples, eval_examples, held_out = build_data(cfg, tokenizer, log)
+    if len(examples) < cfg.global_batch_size:
+        raise ConfigError(f"only {len(examples)} training examples (after dropping those longer than "
+                          f"--max-seq-len {cfg.max_seq_len}) for a global batch of {cfg.global_batch_size}")
     lengths = [len(e["input_ids"]) for e in examples]
     # Tokens that are text, not padding (packed rows carry trailing pad in segment 0): for tokens/s.
     n_real_tokens = [sum(1 for s in e["segment_ids"] if s) if "segment_ids" in e else n for e, n in zip(examples, lengths)]
@@ -317,7 +321,6 @@ def main(argv=None) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
 
-    args, pretrained = model_args(cfg, tokenizer, dist)
     resume_from = None
     if cfg.resume:
         found = distributed.list_checkpoints(ckpt_root)
