@@ -246,6 +246,8 @@ def collate(examples, pad_id: int) -> dict:
     only sees earlier positions, and the pads all come later. Packed rows also bring positions and segment_ids,
     which are stacked too (padded with 0: a segment of their own)."""
     _check_pad_id(pad_id)
+    if not examples:
+        raise ValueError("collate needs at least one example")
     T = max(len(ex["input_ids"]) for ex in examples)
     keys = {"input_ids": pad_id, "labels": IGNORE_INDEX}
     if "segment_ids" in examples[0]:
