@@ -211,11 +211,14 @@ def demo_tokenizer(cache_dir=None, vocab_size: int = 512) -> Tokenizer:
     unknown characters fall back to bytes, so any text encodes and decodes back exactly."""
     cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "minialpaca"
     texts = [format_prompt(r["instruction"], r["input"]) + r["output"] for r in make_records("train", 200, seed=0)]
-    key = hashlib.sha256(json.dumps({"vocab_size": vocab_size, "texts": texts}).encode()).hexdigest()[:16]
+    # Pieces may span words: the template's constant sentences become a few pieces, which shortens every
+    # example by about 40% and so speeds up training on a CPU by as much.
+    settings = {"vocab_size": vocab_size, "split_by_whitespace": False, "texts": texts}
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     path = cache_dir / f"demo-tokenizer-{vocab_size}-{key}.model"
     if path.is_file():
         return Tokenizer(path)
-    return Tokenizer.train(texts, path, vocab_size)  # writes atomically: concurrent ranks are safe
+    return Tokenizer.train(texts, path, vocab_size, split_by_whitespace=False)  # atomic: concurrent ranks are safe
 
 
 def main(argv=None):

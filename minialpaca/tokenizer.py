@@ -33,11 +33,14 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
     @staticmethod
-    def train(texts: Iterable[str], out_path, vocab_size: int, model_type: str = "bpe") -> "Tokenizer":
+    def train(texts: Iterable[str], out_path, vocab_size: int, model_type: str = "bpe",
+              split_by_whitespace: bool = True) -> "Tokenizer":
         """Train a SentencePiece model on `texts` and write it atomically to `out_path`.
 
         Ids follow LLaMA's convention (unk 0, bos 1, eos 2, no pad). Digits are split into single
-        pieces so arithmetic tasks see every digit, and unknown bytes fall back to byte pieces.
+        pieces so arithmetic tasks see every digit, and unknown bytes fall back to byte pieces (so any
+        text round-trips; the 256 byte pieces count toward vocab_size). split_by_whitespace=False lets
+        pieces span words: text that repeats verbatim, like a prompt template, becomes a few pieces.
         """
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +50,7 @@ class Tokenizer:
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, byte_fallback=True,
             character_coverage=1.0, num_threads=1, minloglevel=2, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            split_by_whitespace=split_by_whitespace, max_sentencepiece_length=16 if split_by_whitespace else 64,
         )
         tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
         tmp.write_bytes(model.getvalue())
