@@ -52,22 +52,29 @@ def timed_generate(model, prompts, new_tokens, compile=False):
     return first[0] - t0, end - first[0], out
 
 
-def measure(run, batch, prompt_len, new_tokens, warmup, runs) -> dict:
-    """Median prefill and decode tokens/s of `run()` -> (prefill s, decode s, tokens)."""
-    for _ in range(warmup):
-        run()
-    prefill, decode = [], []
+def measure(runs_by_impl: dict, batch, prompt_len, new_tokens, warmup, runs) -> dict:
+    """Median prefill and decode tokens/s of each `run()` -> (prefill s, decode s, tokens). Several
+    implementations take turns run by run, so a load change on the machine hits them alike."""
+    for run in runs_by_impl.values():
+        for _ in range(warmup):
+            run()
+    times = {impl: ([], []) for impl in runs_by_impl}
+    tokens = {}
     for _ in range(runs):
-        p, d, out = run()
-        prefill.append(p)
-        decode.append(d)
-    p, d = statistics.median(prefill), statistics.median(decode)
-    return {
-        "prefill_tok_s": batch * prompt_len / p,
-        "decode_tok_s": batch * (new_tokens - 1) / d,
-        "decode_ms_per_step": 1000 * d / (new_tokens - 1),
-        "tokens": out,
-    }
+        for impl, run in runs_by_impl.items():
+            p, d, tokens[impl] = run()
+            times[impl][0].append(p)
+            times[impl][1].append(d)
+    results = {}
+    for impl, (prefill, decode) in times.items():
+        p, d = statistics.median(prefill), statistics.median(decode)
+        results[impl] = {
+            "prefill_tok_s": batch * prompt_len / p,
+            "decode_tok_s": batch * (new_tokens - 1) / d,
+            "decode_ms_per_step": 1000 * d / (new_tokens - 1),
+            "tokens": tokens[impl],
+        }
+    return results
 
 
 def random_prompts(vocab, batch, length, seed=0):
@@ -81,8 +88,8 @@ def bench_ours(name, model, args) -> list:
     for mode in modes:
         for batch in args.batch_sizes:
             prompts = random_prompts(model.args.vocab_size, batch, args.prompt_len)
-            r = measure(lambda: timed_generate(model, prompts, args.new_tokens, compile=mode == "compile"),
-                        batch, args.prompt_len, args.new_tokens, args.warmup, args.runs)
+            r = measure({mode: lambda: timed_generate(model, prompts, args.new_tokens, compile=mode == "compile")},
+                        batch, args.prompt_len, args.new_tokens, args.warmup, args.runs)[mode]
             r.pop("tokens")
             rows.append({"model": name, "impl": f"minialpaca/{mode}", "batch": batch, **r})
             print_row(rows[-1])
@@ -124,20 +131,27 @@ def bench_hf(name, model, args) -> list:
         first = clock.times[1]
         return first - t0, end - first, [out[0, ids.shape[1]:].tolist()]
 
-    r = measure(run, 1, args.prompt_len, args.new_tokens, args.warmup, args.runs)
-    ours = measure(lambda: timed_generate(model, prompt, args.new_tokens), 1, args.prompt_len, args.new_tokens,
-                   args.warmup, args.runs)
-    same = 0
-    for a, b in zip(r.pop("tokens")[0], ours.pop("tokens")[0]):
-        if a != b:
-            break
-        same += 1
-    rows = [
-        {"model": name, "impl": f"transformers {transformers.__version__}", "batch": 1, **r},
-        {"model": name, "impl": "minialpaca/eager (same run)", "batch": 1, **ours,
-         "speedup_vs_hf": ours["decode_tok_s"] / r["decode_tok_s"], "same_greedy_tokens": f"{same}/{args.new_tokens}"},
-    ]
+    impls = {f"transformers {transformers.__version__}": run,
+             "minialpaca/eager": lambda: timed_generate(model, prompt, args.new_tokens)}
+    if args.compile:
+        impls["minialpaca/compile"] = lambda: timed_generate(model, prompt, args.new_tokens, compile=True)
+    results = measure(impls, 1, args.prompt_len, args.new_tokens, args.warmup, args.runs)
+    hf_name = next(iter(results))
+    hf_result = results[hf_name]
+    rows = []
+    for impl, r in results.items():
+        row = {"model": name, "impl": impl + (" (vs HF)" if impl != hf_name else ""), "batch": 1, **r}
+        if impl != hf_name:
+            same = 0
+            for a, b in zip(r["tokens"][0], hf_result["tokens"][0]):
+                if a != b:
+                    break
+                same += 1
+            row["speedup_vs_hf"] = r["decode_tok_s"] / hf_result["decode_tok_s"]
+            row["same_greedy_tokens"] = f"{same}/{args.new_tokens}"
+        rows.append(row)
     for row in rows:
+        row.pop("tokens")
         print_row(row)
     return rows
 
@@ -187,7 +201,8 @@ def main():
                 print("# no checkpoint given and ../shared/data/stories260K/meta not found: skipped", file=sys.stderr)
                 continue
             model = load_model(args.checkpoint, device=device, dtype=dtype)
-            name = Path(args.checkpoint).resolve().parent.name if Path(args.checkpoint).name == "meta" else Path(args.checkpoint).name
+            path = Path(args.checkpoint).resolve()
+            name = path.parent.name if path.name in ("meta", "hf") else path.name  # stories260K/meta -> stories260K
         else:
             model = Transformer(get_preset(name, vocab_size=32000)).to(device=device, dtype=dtype).eval()
             model.reset_rope(device)
