@@ -1,6 +1,7 @@
 """generate.py on a tiny checkpoint saved in our format: as users run it (a subprocess) where the process
 boundary matters (stdout vs stderr, exit status, no traceback), else through main() in-process, because each
 subprocess pays seconds of `import torch` on a busy CPU."""
+import io
 import json
 import os
 import subprocess
@@ -119,3 +120,14 @@ def test_tokenizer_problems_are_refused(ckpt, tmp_path):
     other = Tokenizer.train(TEXTS * 10, tmp_path / "other.model", vocab_size=350)
     with pytest.raises(ValueError, match="350 pieces but the model's vocabulary has 400"):
         cli.main(["--checkpoint", str(bare), "--tokenizer", str(other.path), "--prompt", "hi", "--device", "cpu"])
+
+
+def test_interactive_answers_each_line_until_an_empty_one(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name three colors.\nHi\n\nnever read\n"))
+    cli.main(["--checkpoint", str(ckpt), "--interactive", "--max-new-tokens", "6", "--device", "cpu"])
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    expected = ""
+    for instruction in ("Name three colors.", "Hi"):
+        full, prompt_text = expected_answer(ckpt, tok.encode(format_prompt(instruction)), 6)
+        expected += full[len(prompt_text):].lstrip() + "\n"
+    assert capsys.readouterr().out == expected
