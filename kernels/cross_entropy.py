@@ -191,7 +191,8 @@ def _check(hidden, weight, targets, reduction, chunk_size):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "mean", chunk_size: Optional[int] = None) -> torch.Tensor:
+                         reduction: str = "mean", chunk_size: Optional[int] = None,
+                         use_triton: Optional[bool] = None) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index, reduction=reduction), computed in
     chunks of `chunk_size` tokens (default: default_chunk_size) without the full logits.
 
@@ -199,6 +200,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets that are not ignore_index (0 with zero gradients when all are ignored); "sum": the plain sum, for
     dividing by a global target count. Targets outside [0, V) are rejected on CPU; on CUDA they are not
     checked (that would synchronize every step) and give a wrong loss. Backward may run once per forward.
+    use_triton: None lets the device decide (kernels.runtime.runs_triton); True/False picks the row kernel.
     """
     _check(hidden, weight, targets, reduction, chunk_size)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (N, dim)
@@ -208,7 +210,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if bad.any():
             raise ValueError(f"linear_cross_entropy: target {targets1d[bad][0].item()} is outside the vocabulary "
                              f"[0, {weight.shape[0]}) and is not ignore_index={ignore_index}")
-    use_triton = runs_triton(hidden) and not (hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16)
+    if use_triton is None:  # the device decides (the model passes its own kernels= choice instead)
+        use_triton = runs_triton(hidden)
+    use_triton = use_triton and not (hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16)
     return _linear_cross_entropy(hidden2d, weight, targets1d, ignore_index, reduction, chunk_size, use_triton)
 
 

@@ -39,7 +39,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 
 def prefill(model: Transformer, tokens, positions=None, segment_ids=None) -> torch.Tensor:
     """Run the whole prompt batch (B, T) through the model, filling the cache; logits of its last slot (B, V)."""
-    return model(tokens, 0, positions, segment_ids)[:, -1]
+    return model(tokens, 0, positions, segment_ids, last_only=True)[:, -1]
 
 
 def decode_step(model: Transformer, token, start_pos: int, position, segment_ids=None) -> torch.Tensor:

@@ -106,14 +106,13 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device=None):
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) by its angle, in fp32.
+    """Rotate each interleaved pair (x[2i], x[2i+1]) by its angle, in fp32: Meta's complex multiply,
+    (x[2i] + i x[2i+1]) * (cos + i sin).
 
-    x: (B, T, n, D); cos, sin: (B, T, 1, D/2). Meta writes this as a complex multiply; this is the same
-    arithmetic in real numbers, which works everywhere (compile, meta device, bf16 inputs).
+    x: (B, T, n, D); cos, sin: (B, T, 1, D/2).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n, D/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, D/2) complex
+    rotated = torch.view_as_real(pairs * torch.complex(cos, sin))  # (B, T, n, D/2, 2)
     return rotated.flatten(-2).type_as(x)  # (B, T, n, D)
 
 
@@ -277,7 +276,7 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_segments = None
 
-    def forward(self, tokens, start_pos: int = 0, positions=None, segment_ids=None, labels=None):
+    def forward(self, tokens, start_pos: int = 0, positions=None, segment_ids=None, labels=None, last_only=False):
         """tokens (B, T) -> logits (B, T, vocab) in fp32; or, given labels, the summed training loss.
 
         start_pos:   with a KV cache, the cache slot of tokens[:, 0] (tokens so far). Causality is by slot.
@@ -288,6 +287,8 @@ class Transformer(nn.Module):
         labels:      (B, T) target ids aligned with tokens, -100 where nothing is learned: the logits at t
                      predict labels[t + 1]. Returns the loss *summed* over targets, so the caller can
                      normalize by the target count of a whole global batch.
+        last_only:   logits of the last position only (B, 1, vocab): all a prefill needs, and it skips the
+                     vocab-wide output layer for every other position.
         """
         B, T = tokens.shape
         if positions is None:
@@ -299,15 +300,22 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask, segment_ids)
-        h = self.norm(h)
-        if labels is None:
-            return self.output(h).float()  # (B, T, vocab)
-        return self.loss(h[:, :-1], labels[:, 1:])
+        if labels is not None:
+            return self.loss(self.norm(h)[:, :-1], labels[:, 1:])
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (B, T, vocab)
 
     def loss(self, h, targets):
-        """Summed next-token cross-entropy of hidden states h (B, T, dim) against targets (B, T)."""
-        logits = self.output(h).float()  # (B, T, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        """Summed next-token cross-entropy of hidden states h (B, T, dim) against targets (B, T).
+
+        Fused with the output layer and computed a chunk of tokens at a time (kernels/cross_entropy.py), so
+        the (B * T, vocab) logits never exist at once: with LLaMA's 32000-word vocabulary they would be the
+        largest tensor of the whole step. The logits are fp32, as in the forward above."""
+        from kernels.cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(h, self.output.weight, targets, ignore_index=-100, reduction="sum",
+                                    use_triton=use_triton(self.kernels, h))
 
     def attention_mask(self, B, T, start_pos, segment_ids, device):
         """The boolean mask (B, 1, T, S) of the keys each query may see, or None when plain causal
@@ -315,8 +323,10 @@ class Transformer(nn.Module):
         later tokens see only keys of their own segment (segment 0 when none are given)."""
         cached = self.cache_segments is not None
         if cached:
-            if segment_ids is None and start_pos == 0:
-                self.cache_segments[:B, :T] = 0
+            if segment_ids is None and (start_pos == 0 or T == 1):
+                # A prefill is plain causal; a single new token may see every cached slot. Both only when
+                # no segments were given, i.e. no padding is in the cache.
+                self.cache_segments[:B, start_pos : start_pos + T] = 0
                 return None
             if segment_ids is None:
                 segment_ids = torch.zeros(B, T, dtype=torch.long, device=device)
