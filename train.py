@@ -71,8 +71,10 @@ class TrainConfig:
 # Named recipes: a model preset plus the hyper-parameters that go with it.
 RECIPES = {
     # The default demo: a ~1M-parameter LLaMA learns the bundled tasks from scratch on a 2-core CPU.
-    "tiny": dict(model_preset="tiny", epochs=1, global_batch_size=32, micro_batch_size=32, lr=3e-3,
-                 warmup_ratio=0.03, weight_decay=0.1, beta2=0.95, max_seq_len=256, task_examples=2000),
+    # Many small steps beat few large ones here: 6000 steps of 16 reach ~96% held-out exact match where
+    # 750 steps of 32 reach ~41% (measured; the copying tasks are learned late, after a plateau).
+    "tiny": dict(model_preset="tiny", epochs=1, global_batch_size=16, micro_batch_size=16, lr=2e-3,
+                 warmup_ratio=0.03, weight_decay=0.1, beta2=0.95, max_seq_len=256, task_examples=8000),
     # Stanford Alpaca: LLaMA-7B, 3 epochs, global batch 128, lr 2e-5, cosine, warmup 3%, no weight decay,
     # max length 512, bf16 (Taori et al., 2023; their train.py with HF Trainer defaults: AdamW betas
     # (0.9, 0.999), gradient clipping at 1.0).
