@@ -36,6 +36,13 @@ def time_steps(step_fn, warmup: int, steps: int, device) -> float:
     return statistics.median(times)
 
 
+def sft_labels(tokens, prompt_fraction: float):
+    """Labels of an instruction-tuning batch: the first prompt_fraction of each row is prompt (-100)."""
+    labels = tokens.clone()
+    labels[:, : int(prompt_fraction * tokens.shape[1])] = -100
+    return labels
+
+
 def ours(args, model_args, tokens, device, dtype):
     torch.manual_seed(0)
     model = Transformer(model_args, kernels=args.kernels).to(device=device, dtype=dtype)
@@ -43,10 +50,11 @@ def ours(args, model_args, tokens, device, dtype):
         for block in model.layers:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    n_targets = tokens[:, 1:].numel()
+    labels = sft_labels(tokens, args.prompt_fraction)
+    n_targets = (labels[:, 1:] != -100).sum()
 
     def step():
-        loss = model(tokens, labels=tokens) / n_targets
+        loss = model(tokens, labels=labels) / n_targets
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -77,8 +85,10 @@ def hf(args, model_args, tokens, device, dtype, our_model):
         model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
+    labels = sft_labels(tokens, args.prompt_fraction)
+
     def step():
-        model(input_ids=tokens, labels=tokens).loss.backward()
+        model(input_ids=tokens, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -90,6 +100,8 @@ def main():
     p.add_argument("--preset", nargs="+", default=["tiny", "small-60m"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prompt-fraction", type=float, default=0.54,
+                   help="share of each row that is prompt, without loss (0.54 in Alpaca's data with LLaMA's tokenizer)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +133,7 @@ def main():
             sec = time_steps(fn, args.warmup, args.steps, device)
             tps = n_tok / sec
             rows.append({"preset": preset, "impl": name, "params_m": round(params / 1e6, 2), "batch": args.batch_size,
-                         "seq_len": args.seq_len, "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,
+                         "seq_len": args.seq_len, "prompt_fraction": args.prompt_fraction, "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,
                          "step_ms": round(sec * 1e3, 1), "tokens_per_s": round(tps, 1),
                          "mfu": round(tps * flops_per_token(model_args, args.seq_len) / peak, 4) if peak else None})
         if args.hf:

@@ -92,10 +92,9 @@ class RMSNorm(nn.Module):
         if use_triton(self.kernels, x):
             from kernels import rms_norm
             return rms_norm(x, self.weight, self.eps)
-        # Normalize in fp32 for stability, cast back, *then* scale: Meta's order (it matters in bf16).
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # x / sqrt(mean(x²) + eps), normalized in fp32 for stability, cast back, *then* scaled: Meta's
+        # order (it matters in bf16). F.rms_norm computes exactly that first part in one fused op.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float, device=None):
@@ -314,7 +313,10 @@ class Transformer(nn.Module):
         largest tensor of the whole step. The logits are fp32, as in the forward above."""
         from kernels.cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy(h, self.output.weight, targets, ignore_index=-100, reduction="sum",
+        # Instruction tuning learns only the responses: positions without a target (the prompt, padding)
+        # need no logits at all, so they skip the output layer: half of an Alpaca batch, often more.
+        keep = targets != -100  # (B, T)
+        return linear_cross_entropy(h[keep], self.output.weight, targets[keep], ignore_index=-100, reduction="sum",
                                     use_triton=use_triton(self.kernels, h))
 
     def attention_mask(self, B, T, start_pos, segment_ids, device):
