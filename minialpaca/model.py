@@ -105,13 +105,15 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device=None):
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) by its angle, in fp32: Meta's complex multiply,
-    (x[2i] + i x[2i+1]) * (cos + i sin).
+    """Rotate each interleaved pair (x[2i], x[2i+1]) by its angle, in fp32.
 
-    x: (B, T, n, D); cos, sin: (B, T, 1, D/2).
+    x: (B, T, n, D); cos, sin: (B, T, 1, D/2). Meta writes this as a complex multiply,
+    (x[2i] + i x[2i+1]) * (cos + i sin); this is the same arithmetic in real numbers, which torch.compile
+    can fuse (its code generator has no complex numbers) and which runs on the meta device.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, D/2) complex
-    rotated = torch.view_as_real(pairs * torch.complex(cos, sin))  # (B, T, n, D/2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)  # (B, T, n, D)
 
 
