@@ -15,37 +15,20 @@ from minialpaca.model import ModelArgs, Transformer
 pytestmark = pytest.mark.skipif(not runs_triton(torch.empty(0)), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
 
 # The modules by import path: the package attribute `kernels.swiglu` may be the function of that name.
-RMSNORM, ROPE, SWIGLU = (importlib.import_module(f"kernels.{name}") for name in ("rmsnorm", "rope", "swiglu"))
+RMSNORM, ROPE, SWIGLU, ATTENTION, CROSS_ENTROPY = (
+    importlib.import_module(f"kernels.{name}") for name in ("rmsnorm", "rope", "swiglu", "flash_attention", "cross_entropy"))
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32)
 ATOL, RTOL = 1e-5, 1e-4  # fp32 throughout; the kernels sum in a different order than torch
 
 
-def sdpa_flash_attention(q, k, v, causal=True, segment_ids=None):
-    """Stand-in for kernels.flash_attention, which lives on another branch: the same function through SDPA,
-    so these tests exercise exactly rmsnorm, rope and swiglu. Drop it once flash_attention is merged.
-    q (B, T, H, D), k, v (B, T, H_kv, D) -> (B, T, H, D)."""
-    T = q.shape[1]
-    mask = None
-    if segment_ids is not None:
-        mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-        mask = (mask & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)  # (B, 1, T, T)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=causal and mask is None, enable_gqa=k.shape[2] != q.shape[2])
-    return out.transpose(1, 2)
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the Triton launches of the three kernels, so a test can tell they really ran."""
-    # Set in the package dict: getattr would first try to import the missing module through the lazy export.
-    monkeypatch.setitem(vars(kernels), "flash_attention", sdpa_flash_attention)
-    # kernels/__init__.py's lazy export hands out the submodule kernels.swiglu for the name `swiglu` (the
-    # module and the function share it); bind the function here until the package exports it eagerly.
-    monkeypatch.setattr(kernels, "swiglu", SWIGLU.swiglu)
+    """Counts the Triton launches of the kernels, so a test can tell they really ran."""
     counts = collections.Counter()
     for module, name in [(RMSNORM, "_forward"), (RMSNORM, "_backward"), (ROPE, "_rotate"),
-                         (SWIGLU, "_forward"), (SWIGLU, "_backward")]:
+                         (SWIGLU, "_forward"), (SWIGLU, "_backward"), (ATTENTION, "_forward"),
+                         (ATTENTION, "_backward"), (CROSS_ENTROPY, "_rows_triton")]:
         def counted(*args, _launch=getattr(module, name), _key=f"{module.__name__}.{name}"):
             counts[_key] += 1
             return _launch(*args)
@@ -70,7 +53,8 @@ def test_training_step_matches_torch(launches):
     results = []
     for model in (torch_model, triton_model):
         logits = model(tokens, positions=positions, segment_ids=segment_ids)  # (B, T, vocab)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        # The training loss as train.py computes it: summed over targets by the fused linear cross-entropy.
+        loss = model(tokens, positions=positions, segment_ids=segment_ids, labels=tokens)
         loss.backward()
         results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
     (logits, loss, grads), (t_logits, t_loss, t_grads) = results
@@ -82,9 +66,14 @@ def test_training_step_matches_torch(launches):
         torch.testing.assert_close(t_grads[name], grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
     # Every norm but the final one runs through add_rms_norm's fused kernel or rms_norm's; the final norm too.
     n_norms = 2 * ARGS.n_layers + 1
-    assert launches["kernels.rmsnorm._forward"] == n_norms and launches["kernels.rmsnorm._backward"] == n_norms
-    assert launches["kernels.rope._rotate"] == 2 * 2 * ARGS.n_layers  # q and k, forward and backward
-    assert launches["kernels.swiglu._forward"] == launches["kernels.swiglu._backward"] == ARGS.n_layers
+    assert launches["kernels.rmsnorm._forward"] == 2 * n_norms  # logits pass, loss pass
+    assert launches["kernels.rmsnorm._backward"] == n_norms
+    assert launches["kernels.rope._rotate"] == 3 * 2 * ARGS.n_layers  # q and k: two forwards, one backward
+    assert launches["kernels.swiglu._forward"] == 2 * ARGS.n_layers  # logits pass, loss pass
+    assert launches["kernels.swiglu._backward"] == ARGS.n_layers
+    assert launches["kernels.flash_attention._forward"] == 2 * ARGS.n_layers
+    assert launches["kernels.flash_attention._backward"] == ARGS.n_layers
+    assert launches["kernels.cross_entropy._rows_triton"] >= 1
 
 
 @torch.no_grad()
