@@ -170,7 +170,7 @@ def _bench_cross_entropy_cpu(args):
     default = default_chunk_size(N, dim, V)
     chunks = [default, 512] if args.quick else sorted({64, default, 256, 512, 1024, 2048})
     impls = ["eager"] + [f"chunk={c}" for c in chunks]
-    reps = 3 if args.quick else 5
+    reps = 2 if args.quick else 5
     inputs = _cpu_ce_inputs()
     times = {impl: [] for impl in impls}
     for impl in impls:  # warm up

@@ -513,6 +513,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """
     _check(q, k, v, segment_ids)
     if runs_triton(q) and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        if q.shape[3] > 256:
+            raise ValueError(f"flash_attention: head dim {q.shape[3]} is past the kernels' 256; use kernels='torch'")
         return _FlashAttention.apply(q, k, v, causal, segment_ids)
     return attention_reference(q, k, v, causal, segment_ids)
 
