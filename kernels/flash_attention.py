@@ -236,7 +236,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, SEG_FIRST, SEG_LAST,
     k_ok = k_idx < T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # Keys past T load as zeros; their dK/dV rows are garbage-free of the valid rows and never stored.
+    # Keys past T load as zeros; they only touch their own dK/dV rows, which are never stored.
     k = _load_tile(K + b * stride_kb + kvh * stride_kh + k_idx[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                    k_ok, d_ok, True, MASK_D)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V + b * stride_vb + kvh * stride_vh + k_idx[:, None] * stride_vt + offs_d[None, :] * stride_vd,
