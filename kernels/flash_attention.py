@@ -236,7 +236,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, SEG_FIRST, SEG_LAST,
     k_ok = k_idx < T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # Keys past T load as zeros; their dK/dV rows are garbage-free of the valid rows and never stored.
+    # Keys past T load as zeros; they only touch their own dK/dV rows, which are never stored.
     k = _load_tile(K + b * stride_kb + kvh * stride_kh + k_idx[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                    k_ok, d_ok, True, MASK_D)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V + b * stride_vb + kvh * stride_vh + k_idx[:, None] * stride_vt + offs_d[None, :] * stride_vd,
@@ -369,19 +369,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEG, SEG_FIRST, SEG_LAST,
 
 
 # ---------------------------------------------------------------------------------------------- launch
-def _tiles(head_dim: int, device: torch.device) -> dict:
-    """Tile sizes per kernel. On CUDA the FlashAttention-2 choices of Triton's fused-attention tutorial for
-    sm80/sm90 (forward 128 x 64; backward 32-query x 128-key for dK/dV and 128 x 32 for dQ), smaller for head
-    dims past 128 to fit shared memory; not autotuned. In the interpreter small tiles, so that tiny test
-    shapes still cross several blocks and every loop phase runs."""
+def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """BLOCK_D and, per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    On CUDA: FlashAttention-2 shapes (128-query forward and dQ tiles, wide key tiles for dK/dV), picked so
+    that ptxas reports no register spills for bf16/fp16 and head dims up to 128 when compiled for sm_90, and
+    fit sm_80's shared memory (checked by compiling without a GPU; speed is for kernels/bench.py on one).
+    In the interpreter: small tiles, so tiny test shapes still cross several blocks and every loop phase runs."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
-        return dict(block_d=block_d, fwd=(32, 16), dkdv=(16, 32), dq=(32, 16), warps=1, stages=1)
+        return block_d, dict(fwd=(32, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
+    if dtype == torch.float32:  # fp32 tiles need twice the registers; fp32 is for checking, not for speed
+        return block_d, dict(fwd=(32, 16, 4, 2), dkdv=(16, 32, 8, 2), dq=(32, 16, 4, 2))
     if block_d <= 64:
-        return dict(block_d=block_d, fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), warps=4, stages=3)
+        return block_d, dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 2), dq=(128, 32, 4, 3))
     if block_d <= 128:
-        return dict(block_d=block_d, fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), warps=8, stages=3)
-    return dict(block_d=block_d, fwd=(64, 32), dkdv=(16, 64), dq=(64, 16), warps=4, stages=2)
+        return block_d, dict(fwd=(128, 64, 8, 3), dkdv=(16, 64, 8, 2), dq=(128, 32, 8, 3))
+    return block_d, dict(fwd=(64, 32, 8, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2))
 
 
 def segment_bounds(segment_ids: torch.Tensor):
@@ -419,41 +423,40 @@ def _precision(dtype) -> str:
 def _forward(q, k, v, causal, seg, has_seg):
     B, T, H, D = q.shape
     H_kv = k.shape[2]
-    t = _tiles(D, q.device)
+    block_d, tiles = _tiles(D, q.dtype, q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, T, H, D)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block_m, block_n = t["fwd"]
+    block_m, block_n, warps, stages = tiles["fwd"]
     grid = (triton.cdiv(T, block_m), B * H)
     _attn_fwd[grid](q, k, v, o, lse, *seg, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     T, H, H // H_kv, LOG2E / math.sqrt(D),
-                    HEAD_DIM=D, BLOCK_D=t["block_d"], BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                    HAS_SEG=has_seg, PRECISION=_precision(q.dtype),
-                    num_warps=t["warps"], num_stages=t["stages"])
+                    HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+                    HAS_SEG=has_seg, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, causal, seg, has_seg):
     B, T, H, D = q.shape
     H_kv = k.shape[2]
-    t = _tiles(D, q.device)
+    block_d, tiles = _tiles(D, q.dtype, q.device)
     sm_scale = 1.0 / math.sqrt(D)
-    common = dict(HEAD_DIM=D, BLOCK_D=t["block_d"], CAUSAL=causal, HAS_SEG=has_seg, PRECISION=_precision(q.dtype),
-                  num_warps=t["warps"], num_stages=t["stages"])
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, HAS_SEG=has_seg, PRECISION=_precision(q.dtype))
     delta = torch.empty_like(lse)  # (B, H, T)
     _attn_bwd_delta[(triton.cdiv(T, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), T, H,
-                                                 HEAD_DIM=D, BLOCK_D=t["block_d"], BLOCK_M=64)
+                                                 HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    block_m, block_n = t["dkdv"]
+    block_m, block_n, warps, stages = tiles["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(T, block_n), B * H_kv)](
         q, k, v, do, lse, delta, dk, dv, *seg, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *dk.stride(), *dv.stride(), T, H, H_kv, H // H_kv, LOG2E * sm_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common)
-    block_m, block_n = t["dq"]
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    block_m, block_n, warps, stages = tiles["dq"]
     _attn_bwd_dq[(triton.cdiv(T, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *seg, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        T, H, H // H_kv, LOG2E * sm_scale, sm_scale, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+        T, H, H // H_kv, LOG2E * sm_scale, sm_scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages, **common)
     return dq, dk, dv
 
 
@@ -510,6 +513,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """
     _check(q, k, v, segment_ids)
     if runs_triton(q) and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        if q.shape[3] > 256:
+            raise ValueError(f"flash_attention: head dim {q.shape[3]} is past the kernels' 256; use kernels='torch'")
         return _FlashAttention.apply(q, k, v, causal, segment_ids)
     return attention_reference(q, k, v, causal, segment_ids)
 

@@ -149,3 +149,14 @@ def test_bad_inputs_are_rejected():
         flash_attention(q, k, v, segment_ids=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="share one of"):
         flash_attention(q, k.double(), v)
+
+
+def test_expanded_output_gradient():
+    """out.sum().backward() hands the backward a dO with all-zero strides; the kernels read it through them."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 19, 2, 1, 16, torch.float32))
+    flash_attention(q, k, v).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    attention_fp64(q64, k64, v64, True, None).sum().backward()
+    atol, rtol = TOLERANCE[torch.float32]
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
