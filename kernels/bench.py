@@ -13,6 +13,9 @@ the operation must move, so GB/s compares like with like and shows how close eac
 Without CUDA there is no Triton to time (the interpreter is a correctness tool), so eager is compared with
 compile only.
 
+Flash attention and the fused linear cross-entropy are measured by kernels/bench_fused.py (TFLOP/s with the
+causal FLOP count; time and peak memory against eager and compile), run from here too.
+
 Writes <out>/<kernel>.csv and <out>/<kernel>.png (when matplotlib is installed) per kernel.
 Another kernel joins by writing a `bench_<name>(setup) -> rows` function built on `run_case` and listing it
 in BENCHES.
@@ -29,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kernels import bench_fused
 from kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, rope_reference
 from kernels.swiglu import swiglu, swiglu_reference
@@ -227,6 +231,8 @@ BENCHES = {
     "rope": bench_rope,
     "swiglu": bench_swiglu,
 }
+# Compute- and capacity-bound kernels, with their own measures (TFLOP/s, peak memory): kernels/bench_fused.py.
+FUSED_BENCHES = {"attention": bench_fused.bench_attention, "cross_entropy": bench_fused.bench_cross_entropy}
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -302,7 +308,8 @@ def print_rows(rows: list):
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    parser.add_argument("--kernels", nargs="+", choices=list(BENCHES) + list(FUSED_BENCHES),
+                        default=list(BENCHES) + list(FUSED_BENCHES))
     parser.add_argument("--quick", action="store_true", help=f"small sizes {QUICK_SIZES} instead of {FULL_SIZES}")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="input dtype (default: bf16 on a GPU, fp32 on a CPU)")
@@ -334,6 +341,12 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for kernel in args.kernels:
+        if kernel in FUSED_BENCHES:
+            rows = FUSED_BENCHES[kernel](args)
+            bench_fused.print_table(rows)
+            if rows:
+                write_csv(rows, args.out / f"{kernel}.csv")
+            continue
         rows = BENCHES[kernel](setup)
         print_rows(rows)
         write_csv(rows, args.out / f"{kernel}.csv")

@@ -1,8 +1,8 @@
-"""Benchmarks of flash attention and the fused linear cross-entropy, written to merge into kernels/bench.py.
+"""Benchmarks of flash attention and the fused linear cross-entropy, run by `python -m kernels.bench`.
 
-Each `bench_*(args)` returns a list of dict rows; args needs only `quick` (bool). Run standalone:
-
-    python -m kernels.bench_kernels2_draft [--quick] [--only attention|cross_entropy]
+These two are compute- and memory-capacity-bound rather than bandwidth-bound, so they report TFLOP/s and
+peak memory instead of bench.py's GB/s. Each `bench_*(args)` returns a list of dict rows; args needs only
+`quick` (bool).
 
 CUDA: attention TFLOP/s against scaled_dot_product_attention; cross-entropy ms and peak memory against eager
 and torch.compile, at LLaMA sizes. CPU: the chunked PyTorch cross-entropy against eager at N=8192, dim=256,
@@ -200,10 +200,7 @@ def bench_cross_entropy(args):
     return _bench_cross_entropy_cuda(args) if torch.cuda.is_available() else _bench_cross_entropy_cpu(args)
 
 
-BENCHES = {"attention": bench_attention, "cross_entropy": bench_cross_entropy}
-
-
-def _print_rows(rows):
+def print_table(rows):
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -211,13 +208,3 @@ def _print_rows(rows):
     print("  ".join(k.ljust(widths[k]) for k in keys))
     for r in rows:
         print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (a couple of minutes)")
-    parser.add_argument("--only", choices=list(BENCHES), help="run one benchmark")
-    args = parser.parse_args()
-    for name, bench in BENCHES.items():
-        if args.only in (None, name):
-            _print_rows(bench(args))
