@@ -512,7 +512,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     cannot read bfloat16, so bf16 CPU tensors take the reference), attention_reference otherwise.
     """
     _check(q, k, v, segment_ids)
-    if runs_triton(q) and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+    if runs_triton(q):  # not bf16 in the interpreter, which would write zeros
         if q.shape[3] > 256:
             raise ValueError(f"flash_attention: head dim {q.shape[3]} is past the kernels' 256; use kernels='torch'")
         return _FlashAttention.apply(q, k, v, causal, segment_ids)

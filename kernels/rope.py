@@ -133,8 +133,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the interleaved pairs of x (B, T, n_heads, D) by per-token angles given as cos, sin
     (B or 1, T, 1, D/2); returns x's shape and dtype. Triton where it runs, the reference otherwise."""
     _check(x, cos, sin)
-    bf16_in_interpreter = x.device.type == "cpu" and x.dtype == torch.bfloat16  # numpy has no bfloat16
-    if runs_triton(x) and x.numel() > 0 and not bf16_in_interpreter:
+    if runs_triton(x) and x.numel() > 0:  # runs_triton already refuses bf16 in the interpreter
         return _Rope.apply(x, cos, sin)
     return rope_reference(x, cos, sin)
 
