@@ -8,7 +8,6 @@ CUDA: attention TFLOP/s against scaled_dot_product_attention; cross-entropy ms a
 and torch.compile, at LLaMA sizes. CPU: the chunked PyTorch cross-entropy against eager at N=8192, dim=256,
 V=32000 (time with 2 threads; peak memory as the RSS high-water mark of a fresh subprocess).
 """
-import argparse
 import math
 import os
 import statistics

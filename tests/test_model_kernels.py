@@ -6,9 +6,7 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import kernels
 from kernels.runtime import runs_triton
 from minialpaca.model import ModelArgs, Transformer
 
