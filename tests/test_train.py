@@ -213,3 +213,16 @@ def test_packing_with_activation_checkpointing(workdir, tmp_path):
     assert runs["plain"].keys() == runs["ac"].keys() == {1, 2, 3}
     for step in runs["plain"]:
         assert abs(runs["plain"][step] - runs["ac"][step]) < 1e-6
+
+
+def test_triton_kernels_inside_fsdp2_blocks(workdir, tmp_path):
+    """kernels=triton (Triton's interpreter on the CPU) in FSDP2-sharded blocks on 2 processes gives the
+    losses of the plain torch path on 1."""
+    reference, sharded = tmp_path / "torch", tmp_path / "triton"
+    small = ["--max-steps", "2", "--global-batch-size", "2", "--micro-batch-size", "1", "--max-seq-len", "64"]
+    run_train(base_args(workdir, reference, *small))
+    args = base_args(workdir, sharded, *small)
+    args[args.index("--kernels") + 1] = "triton"
+    run_train(args, nproc=2, env={"TRITON_INTERPRET": "1"})
+    for step, loss in train_losses(reference).items():
+        assert abs(train_losses(sharded)[step] - loss) < 1e-4
