@@ -92,9 +92,11 @@ class RMSNorm(nn.Module):
         if use_triton(self.kernels, x):
             from kernels import rms_norm
             return rms_norm(x, self.weight, self.eps)
-        # x / sqrt(mean(x²) + eps), normalized in fp32 for stability, cast back, *then* scaled: Meta's
-        # order (it matters in bf16). F.rms_norm computes exactly that first part in one fused op.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        # Normalize in fp32 for stability, cast back, *then* scale: Meta's order (it matters in bf16).
+        # (Written out rather than F.rms_norm, which on a CPU costs 4x more per call at decoding sizes.)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float, device=None):
@@ -154,7 +156,9 @@ class Attention(nn.Module):
             from kernels import apply_rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
-            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+            # q and k rotate by the same angles: one rotation over all their heads costs half the small ops.
+            qk = apply_rotary_emb(torch.cat((q, k), dim=2), cos, sin)  # (B, T, H + H_kv, D)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
 
         if self.cache is not None:
             # Remember this step's keys and values; attention below sees every slot so far.
