@@ -25,7 +25,8 @@ import torch
 
 from minialpaca import distributed
 from minialpaca.checkpoint import CheckpointError, check_tokenizer, find_tokenizer, read_checkpoint, save_state_dict
-from minialpaca.data import DataError, StepSampler, collate, encode_records, format_prompt, load_records, pack_examples, pad_id_for
+from minialpaca.data import (DataError, StepSampler, collate, encode_records, example_length, format_prompt,
+                             load_records, pack_examples, pad_id_for)
 from minialpaca.generation import generate
 from minialpaca.model import KERNEL_CHOICES, ModelArgs, Transformer
 from minialpaca.presets import PRESETS, get_preset
@@ -314,8 +315,6 @@ def main(argv=None) -> int:
         raise ConfigError(f"only {len(examples)} training examples (after dropping those longer than "
                           f"--max-seq-len {cfg.max_seq_len}) for a global batch of {cfg.global_batch_size}")
     lengths = [len(e["input_ids"]) for e in examples]
-    # Tokens that are text, not padding (packed rows carry trailing pad in segment 0): for tokens/s.
-    n_real_tokens = [sum(1 for s in e["segment_ids"] if s) if "segment_ids" in e else n for e, n in zip(examples, lengths)]
     sampler = StepSampler(lengths, cfg.global_batch_size, cfg.micro_batch_size, dist.rank, dist.world_size,
                           seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing)
     total_steps = math.ceil(cfg.epochs * sampler.steps_per_epoch)
@@ -374,8 +373,9 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_at(step, total_steps, warmup_steps)
         epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
+        indices = sampler.micro_batches(epoch, step_in_epoch)  # this rank's share, in micro-batches
         micro_batches = [batch_to(collate([examples[i] for i in idx], pad_id_for(tokenizer)), dist.device)
-                         for idx in sampler.micro_batches(epoch, step_in_epoch)]
+                         for idx in indices]
         # Normalize by the target tokens of the *global* batch (all micro-batches, all ranks): each token
         # then weighs the same however the batch is split, so 1 process and N processes agree.
         n_targets = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
 
         # ---- log
         dt = time.perf_counter() - t0
-        n_tokens = sum(n_real_tokens[i] for idx in sampler.micro_batches(epoch, step_in_epoch) for i in idx)
+        n_tokens = sum(example_length(examples[i]) for idx in indices for i in idx)  # text, not padding
         tokens_per_s = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=dist.device)).item() / dt
         record = {"step": step, "epoch": round(step / sampler.steps_per_epoch, 4), "loss": round(loss, 6),
                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm.item(), 6),
