@@ -215,7 +215,13 @@ def build_optimizer(model, cfg: TrainConfig, device):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
+    # fused: one kernel updates every parameter (CUDA and CPU); the for-each version makes ~10 passes over
+    # parameters and moments, which on a CPU is a tenth of a 60M model's step.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused_adamw(device))
+
+
+def fused_adamw(device) -> bool:
+    return device.type in ("cuda", "cpu")
 
 
 # ---- measuring

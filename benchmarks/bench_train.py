@@ -4,8 +4,8 @@
     python benchmarks/bench_train.py --hf          # also time Hugging Face's LlamaForCausalLM on the same config
 
 --hf needs `transformers` importable, in a separate environment: it is never a dependency of minialpaca.
-Both models get the same weights, batch, optimizer, dtype and thread count; each step is timed after
-warm-up and the median is reported.
+Both models get the same weights, batch, optimizer (train.py's fused AdamW; HF Trainer's default is fused
+too), dtype and thread count; they take turns step by step after warm-up and the median is reported.
 """
 import argparse
 import json
@@ -19,21 +19,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minialpaca.model import Transformer  # noqa: E402
 from minialpaca.presets import get_preset  # noqa: E402
-from train import flops_per_token, peak_flops  # noqa: E402
+from train import flops_per_token, fused_adamw, peak_flops  # noqa: E402
 
 
-def time_steps(step_fn, warmup: int, steps: int, device) -> float:
-    times = []
+def time_steps(step_fns: dict, warmup: int, steps: int, device) -> dict:
+    """Median seconds per step of each implementation. They take turns step by step, so a change of load
+    on the machine (a shared CPU drifts by 20% and more) hits them alike."""
+    times = {name: [] for name in step_fns}
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step_fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step_fn in step_fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step_fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sft_labels(tokens, prompt_fraction: float):
@@ -49,7 +52,7 @@ def ours(args, model_args, tokens, device, dtype):
     if args.compile:
         for block in model.layers:
             block.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
     labels = sft_labels(tokens, args.prompt_fraction)
     n_targets = (labels[:, 1:] != -100).sum()
 
@@ -83,7 +86,7 @@ def hf(args, model_args, tokens, device, dtype, our_model):
     model.load_state_dict(state)
     if args.compile:
         model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
 
     labels = sft_labels(tokens, args.prompt_fraction)
 
@@ -126,11 +129,10 @@ def main():
         n_tok = tokens.numel()
         model, step = ours(args, model_args, tokens, device, dtype)
         params = sum(p.numel() for p in model.parameters())
-        impls = [("minialpaca", step)]
+        impls = {"minialpaca": step}
         if args.hf:
-            impls.append(("hf-transformers", hf(args, model_args, tokens, device, dtype, model)))
-        for name, fn in impls:
-            sec = time_steps(fn, args.warmup, args.steps, device)
+            impls["hf-transformers"] = hf(args, model_args, tokens, device, dtype, model)
+        for name, sec in time_steps(impls, args.warmup, args.steps, device).items():
             tps = n_tok / sec
             rows.append({"preset": preset, "impl": name, "params_m": round(params / 1e6, 2), "batch": args.batch_size,
                          "seq_len": args.seq_len, "prompt_fraction": args.prompt_fraction, "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,

@@ -140,8 +140,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------------------------------- reference
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes: minialpaca.model.apply_rotary_emb, the real-number form of Meta's complex
-    multiply."""
+    """What the kernel computes: Meta's complex multiply written in real numbers, as
+    minialpaca.model.apply_rotary_emb runs it under torch.compile (eager, it multiplies complex numbers)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n, D/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

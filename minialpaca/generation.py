@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from . import packing
 from .model import Transformer
 
 
@@ -125,6 +126,7 @@ def generate(
     A row stops at eos_id (not included) or after max_new_tokens; the loop ends when every row has.
     on_token(row, token_id) is called for each token as it is made, for streaming.
     compile=True runs the one-token step under torch.compile (worth it on a GPU; the first call compiles).
+    While it runs, each layer's projections are stacked into fewer, wider matrices (packing.py).
     """
     check_request(model, prompts, max_new_tokens, temperature, top_p, top_k)
     B = len(prompts)
@@ -146,6 +148,7 @@ def generate(
     done = [False] * B
 
     model.setup_cache(B, T + max_new_tokens)
+    packing.pack(model)
     try:
         logits = prefill(model, tokens, positions, segments)  # (B, V)
         for step in range(max_new_tokens):
@@ -165,5 +168,6 @@ def generate(
             logits = step_fn(model, token[:, None], T + step, next_pos, step_segments)
             next_pos += 1
     finally:
+        packing.unpack(model)
         model.clear_cache()
     return out

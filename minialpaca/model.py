@@ -109,13 +109,17 @@ def rope_tables(head_dim: int, max_positions: int, theta: float, device=None):
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) by its angle, in fp32.
 
-    x: (B, T, n, D); cos, sin: (B, T, 1, D/2). Meta writes this as a complex multiply,
-    (x[2i] + i x[2i+1]) * (cos + i sin); this is the same arithmetic in real numbers, which torch.compile
-    can fuse (its code generator has no complex numbers) and which runs on the meta device.
+    x: (B, T, n, D); cos, sin: (B, T, 1, D/2). As Meta writes it: each pair is the complex number
+    x[2i] + i x[2i+1], and rotating it is multiplying by cos + i sin. In eager PyTorch that is the fastest
+    form too (one complex multiply instead of a dozen real ops and their backward). torch.compile's code
+    generator has no complex numbers, so under it the same arithmetic is spelled out in real numbers.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n, D/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        x0, x1 = pairs.unbind(-1)
+        rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
     return rotated.flatten(-2).type_as(x)  # (B, T, n, D)
 
 
@@ -130,10 +134,10 @@ class KVCache(nn.Module):
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H_kv, T, D) at slots [start_pos, start_pos+T); return all slots so far (B, H_kv, S, D)."""
-        end = start_pos + k.shape[2]
-        self.k[: k.shape[0], :, start_pos:end] = k
-        self.v[: v.shape[0], :, start_pos:end] = v
-        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+        T = k.shape[2]
+        self.k.narrow(2, start_pos, T).copy_(k)
+        self.v.narrow(2, start_pos, T).copy_(v)
+        return self.k.narrow(2, 0, start_pos + T), self.v.narrow(2, 0, start_pos + T)
 
 
 class Attention(nn.Module):
@@ -146,19 +150,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None
+        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv stacked, while decoding (packing.py)
 
     def forward(self, x, cos, sin, start_pos=0, mask=None, segment_ids=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        if self.wqkv is not None:
+            q, k, v = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
+                                                     self.wv.out_features], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         if use_triton(self.kernels, x):
             from kernels import apply_rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
-            # q and k rotate by the same angles: one rotation over all their heads costs half the small ops.
-            qk = apply_rotary_emb(torch.cat((q, k), dim=2), cos, sin)  # (B, T, H + H_kv, D)
-            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
         if self.cache is not None:
             # Remember this step's keys and values; attention below sees every slot so far.
@@ -191,9 +199,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: Optional[torch.Tensor] = None  # w1 and w3 stacked, while decoding (packing.py)
 
     def forward(self, x):
-        gate, up = self.w1(x), self.w3(x)  # (B, T, hidden)
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # (B, T, hidden) each
+        else:
+            gate, up = self.w1(x), self.w3(x)  # (B, T, hidden)
         if use_triton(self.kernels, x):
             from kernels import swiglu
             return self.w2(swiglu(gate, up))
@@ -331,15 +343,18 @@ class Transformer(nn.Module):
         later tokens see only keys of their own segment (segment 0 when none are given)."""
         cached = self.cache_segments is not None
         if cached:
+            if B != self.cache_segments.shape[0]:
+                raise ValueError(f"a batch of {B} rows does not match the KV cache's {self.cache_segments.shape[0]}")
+            new_slots = self.cache_segments.narrow(1, start_pos, T)  # (B, T)
             if segment_ids is None and (start_pos == 0 or T == 1):
                 # A prefill is plain causal; a single new token may see every cached slot. Both only when
                 # no segments were given, i.e. no padding is in the cache.
-                self.cache_segments[:B, start_pos : start_pos + T] = 0
+                new_slots.zero_()
                 return None
             if segment_ids is None:
                 segment_ids = torch.zeros(B, T, dtype=torch.long, device=device)
-            self.cache_segments[:B, start_pos : start_pos + T] = segment_ids
-            k_seg = self.cache_segments[:B, : start_pos + T]  # (B, S)
+            new_slots.copy_(segment_ids)
+            k_seg = self.cache_segments.narrow(1, 0, start_pos + T)  # (B, S)
         elif segment_ids is None:
             return None
         else:

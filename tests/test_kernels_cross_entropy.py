@@ -113,10 +113,11 @@ def test_second_backward_through_the_same_graph_is_refused():
 
 
 def test_default_chunk_size():
-    # Liger's rule: chunk logits (chunk, V) about the size of hidden (N, dim), power of two, at least 64.
-    assert default_chunk_size(8192, 256, 32000) == 128
+    # Liger's rule: chunk logits (chunk, V) about the size of hidden (N, dim), power of two, at least 256.
+    assert default_chunk_size(8192, 256, 32000) == 256
     assert default_chunk_size(8192, 4096, 32000) == 1024
-    assert default_chunk_size(10, 64, 512) == 64
+    assert default_chunk_size(32768, 4096, 32000) == 4096
+    assert default_chunk_size(10, 64, 512) == 256
 
 
 def test_bad_inputs_are_rejected():

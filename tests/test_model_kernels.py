@@ -86,3 +86,13 @@ def test_cached_decoding_matches_torch(launches):
         expected = torch_model(step, start_pos=start_pos)
         torch.testing.assert_close(triton_model(step, start_pos=start_pos), expected, atol=ATOL, rtol=RTOL)
     assert launches["kernels.rope._rotate"] == 2 * ARGS.n_layers * len(steps)
+
+
+def test_generate_with_packed_projections_matches_torch(launches):
+    """generate stacks wq/wk/wv and w1/w3 (packing.py): the kernels read slices of one matmul output."""
+    from minialpaca.generation import generate
+
+    torch_model, triton_model = model_pair()
+    prompts = [[1, 5, 9, 13, 2, 40], [1, 7]]  # unequal lengths: left padding, segment masks
+    assert generate(triton_model, prompts, 5) == generate(torch_model, prompts, 5)
+    assert launches["kernels.swiglu._forward"] > 0 and launches["kernels.rope._rotate"] > 0

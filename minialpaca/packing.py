@@ -1,0 +1,108 @@
+"""Weights arranged for decoding: stacked projections and, on a CPU, the faster memory layout.
+
+Decoding one token multiplies every weight matrix by one vector. Those matrix-vector products are bound by
+how fast the weights stream from memory, plus a fixed cost per product that dominates small models. Two
+arrangements make them cheaper without changing a single value:
+
+- Stacking. Attention's wq, wk, wv read the same input, and so do the feed-forward's w1 and w3; stacked
+  into one matrix each (`wqkv`, `w13`), a layer makes 4 products instead of 7, and a wider matrix streams
+  faster. The parameters become views of the stacked matrix: no second copy, and state_dict(), saving and
+  training see the same Meta-named parameters as before.
+- Layout. CPU BLAS libraries read the two memory layouts of a matrix at different speeds. With MKL, a
+  (32000, 512) fp32 matrix, as PyTorch stores it (row-major, (out, in)), streams at about 7 GB/s and
+  stored transposed at 13-15 GB/s, while matrices with long rows (in = 4096) run alike, and bf16/fp16
+  run 10x slower transposed. So on a CPU each distinct fp32 shape is timed once both ways and the faster
+  kept. Only strides change (saving writes contiguous tensors).
+
+generate() calls pack(model) before decoding and unpack(model) after; the model uses `wqkv` and `w13`
+only while they are set.
+"""
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (shape, dtype) -> whether the transposed layout multiplies faster, measured once per process.
+_transposed_faster: Dict[Tuple[torch.Size, torch.dtype], bool] = {}
+MARGIN = 1.1  # the transposed layout must be this much faster to be chosen (timings are noisy)
+
+
+@torch.inference_mode(False)  # generate runs in inference mode; parameters must stay trainable tensors
+@torch.no_grad()
+def pack(model) -> None:
+    """Stack each layer's projections (wqkv, w13) and choose every matrix's layout; cheap when repeated."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        attn.wqkv = _stack([attn.wq, attn.wk, attn.wv])  # (H*D + 2*H_kv*D, dim)
+        ffn.w13 = _stack([ffn.w1, ffn.w3])  # (2 * hidden, dim)
+        for linear in (attn.wo, ffn.w2):
+            _relayout(linear)
+    _relayout(model.output)
+
+
+def unpack(model) -> None:
+    """Back to one product per projection (the parameters stay views of the stacked storage)."""
+    for layer in model.layers:
+        layer.attention.wqkv = None
+        layer.feed_forward.w13 = None
+
+
+def _stack(linears: List[nn.Linear]) -> Optional[torch.Tensor]:
+    """One matrix with the linears' weights one above the other, which become views of it. Weights that
+    are already consecutive views of one matrix (packed before) give that matrix back without copying."""
+    weights = [linear.weight.data for linear in linears]
+    if type(weights[0]) is not torch.Tensor:  # a sharded DTensor: leave it to FSDP
+        return None
+    stacked = _as_one_matrix(weights)
+    if stacked is None or _wants_transposed(stacked) != (stacked.stride(0) == 1):
+        # Build it in the chosen layout: transposed is (in, sum of outs) contiguous, seen as its .t().
+        stacked = (torch.cat([w.t() for w in weights], dim=1).t() if _wants_transposed(weights[0])
+                   else torch.cat(weights))
+        row = 0
+        for linear, w in zip(linears, weights):
+            linear.weight.data = stacked[row : row + w.shape[0]]
+            row += w.shape[0]
+    return stacked
+
+
+def _as_one_matrix(weights: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The matrix the weights are consecutive row blocks of, as a view, or None if they are not."""
+    first = weights[0]
+    row = 0
+    for w in weights:
+        same_storage = w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same_storage and w.stride() == first.stride() and w.dtype == first.dtype
+                and w.storage_offset() == first.storage_offset() + row * first.stride(0)):
+            return None
+        row += w.shape[0]
+    return first.as_strided((row, first.shape[1]), first.stride(), first.storage_offset())
+
+
+def _relayout(linear: nn.Linear) -> None:
+    w = linear.weight.data
+    if type(w) is torch.Tensor and _wants_transposed(w) != (w.stride(0) == 1):
+        linear.weight.data = w.t().contiguous().t() if _wants_transposed(w) else w.contiguous()
+
+
+def _wants_transposed(w: torch.Tensor) -> bool:
+    """Whether a matrix-vector product with a weight of w's shape runs faster stored transposed: only ever
+    for fp32 on a CPU, and only where measured (once per shape, on a scratch copy)."""
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return False
+    key = (w.shape, w.dtype)
+    if key not in _transposed_faster:
+        row_major = torch.randn(w.shape, dtype=w.dtype)
+        transposed = row_major.t().contiguous().t()
+        _transposed_faster[key] = _matvec_seconds(transposed) * MARGIN < _matvec_seconds(row_major)
+    return _transposed_faster[key]
+
+
+def _matvec_seconds(w: torch.Tensor, reps: int = 5) -> float:
+    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+    F.linear(x, w)  # warm up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        F.linear(x, w)
+    return time.perf_counter() - t0
