@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # (shape, dtype) -> whether the transposed layout multiplies faster, measured once per process.
-_transposed_faster: Dict[Tuple[torch.Size, torch.dtype], bool] = {}
+_transposed_faster: Dict[Tuple[Tuple[int, int], torch.dtype], bool] = {}
 MARGIN = 1.1  # the transposed layout must be this much faster to be chosen (timings are noisy)
 
 
@@ -55,11 +55,12 @@ def _stack(linears: List[nn.Linear]) -> Optional[torch.Tensor]:
     weights = [linear.weight.data for linear in linears]
     if type(weights[0]) is not torch.Tensor:  # a sharded DTensor: leave it to FSDP
         return None
+    first = weights[0]
+    transposed = _wants_transposed((sum(w.shape[0] for w in weights), first.shape[1]), first.dtype, first.device)
     stacked = _as_one_matrix(weights)
-    if stacked is None or _wants_transposed(stacked) != (stacked.stride(0) == 1):
+    if stacked is None or transposed != (stacked.stride(0) == 1):
         # Build it in the chosen layout: transposed is (in, sum of outs) contiguous, seen as its .t().
-        stacked = (torch.cat([w.t() for w in weights], dim=1).t() if _wants_transposed(weights[0])
-                   else torch.cat(weights))
+        stacked = torch.cat([w.t() for w in weights], dim=1).t() if transposed else torch.cat(weights)
         row = 0
         for linear, w in zip(linears, weights):
             linear.weight.data = stacked[row : row + w.shape[0]]
@@ -82,18 +83,21 @@ def _as_one_matrix(weights: List[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _relayout(linear: nn.Linear) -> None:
     w = linear.weight.data
-    if type(w) is torch.Tensor and _wants_transposed(w) != (w.stride(0) == 1):
-        linear.weight.data = w.t().contiguous().t() if _wants_transposed(w) else w.contiguous()
+    if type(w) is not torch.Tensor:
+        return
+    transposed = _wants_transposed(tuple(w.shape), w.dtype, w.device)
+    if transposed != (w.stride(0) == 1):
+        linear.weight.data = w.t().contiguous().t() if transposed else w.contiguous()
 
 
-def _wants_transposed(w: torch.Tensor) -> bool:
-    """Whether a matrix-vector product with a weight of w's shape runs faster stored transposed: only ever
-    for fp32 on a CPU, and only where measured (once per shape, on a scratch copy)."""
-    if w.device.type != "cpu" or w.dtype != torch.float32:
+def _wants_transposed(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a matrix-vector product with an (out, in) = shape weight runs faster stored transposed: only
+    ever for fp32 on a CPU, and only where measured (once per shape, on scratch matrices)."""
+    if device.type != "cpu" or dtype != torch.float32:
         return False
-    key = (w.shape, w.dtype)
+    key = (tuple(shape), dtype)
     if key not in _transposed_faster:
-        row_major = torch.randn(w.shape, dtype=w.dtype)
+        row_major = torch.randn(shape, dtype=dtype)
         transposed = row_major.t().contiguous().t()
         _transposed_faster[key] = _matvec_seconds(transposed) * MARGIN < _matvec_seconds(row_major)
     return _transposed_faster[key]

@@ -19,8 +19,8 @@ def fresh_model(dtype=torch.float32):
 @pytest.fixture(params=["row-major", "transposed"])
 def layout(request, monkeypatch):
     """Run each test with both layouts forced, whatever this machine's timings say."""
-    monkeypatch.setattr(packing, "_wants_transposed", lambda w: request.param == "transposed"
-                        and w.device.type == "cpu" and w.dtype == torch.float32)
+    monkeypatch.setattr(packing, "_wants_transposed", lambda shape, dtype, device: request.param == "transposed"
+                        and device.type == "cpu" and dtype == torch.float32)
     return request.param
 
 
@@ -82,3 +82,16 @@ def test_half_precision_and_gpu_weights_keep_their_layout():
     assert model.layers[0].attention.wqkv.stride() == (64, 1)
     assert model.output.weight.is_contiguous()
     packing.unpack(model)
+
+
+def test_layout_is_measured_once_per_shape(monkeypatch):
+    timed = []
+    monkeypatch.setattr(packing, "_transposed_faster", {})
+    monkeypatch.setattr(packing, "_matvec_seconds", lambda w, reps=5: timed.append(tuple(w.shape)) or 1.0)
+    model = fresh_model()
+    packing.pack(model)
+    packing.pack(model)
+    # wqkv, w13, wo, w2, output: each shape timed in both layouts, once, whatever the number of layers
+    assert sorted(set(timed)) == sorted({(128, 64), (2 * ARGS.hidden_dim, 64), (64, 64), (64, ARGS.hidden_dim), (97, 64)})
+    assert len(timed) == 2 * 5
+    assert not packing._wants_transposed((97, 64), torch.float32, torch.device("cpu"))  # a tie keeps row-major
