@@ -183,8 +183,12 @@ class Attention(nn.Module):
                 k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
             # enable_gqa lets each group of H / H_kv query heads share one K/V head without copying it.
             # softmax runs in fp32 inside SDPA, as Meta's explicit `.float()` does.
+            # Without a cache (training) the keys are the queries' own tokens: causal. With one, a lone new
+            # token sees every cached key, a prefill is causal. (T is looked at only with a cache: under
+            # torch.compile with dynamic shapes `T > 1` is symbolic, and SDPA takes a plain bool.)
+            causal = mask is None and (self.cache is None or T > 1)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
             )
             out = out.transpose(1, 2)  # (B, T, H, D)
         return self.wo(out.reshape(B, T, -1))
