@@ -11,8 +11,9 @@ arrangements make them cheaper without changing a single value:
 - Layout. CPU BLAS libraries read the two memory layouts of a matrix at different speeds. With MKL, a
   (32000, 512) fp32 matrix, as PyTorch stores it (row-major, (out, in)), streams at about 7 GB/s and
   stored transposed at 13-15 GB/s, while matrices with long rows (in = 4096) run alike, and bf16/fp16
-  run 10x slower transposed. So on a CPU each distinct fp32 shape is timed once both ways and the faster
-  kept. Only strides change (saving writes contiguous tensors).
+  run 10x slower transposed. So on a CPU each distinct fp32 shape of 1 MiB or more is timed once both
+  ways, streaming from memory as decoding does, and the faster kept. Only strides change (saving writes
+  contiguous tensors).
 
 generate() calls pack(model) before decoding and unpack(model) after; the model uses `wqkv` and `w13`
 only while they are set.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 # (shape, dtype) -> whether the transposed layout multiplies faster, measured once per process.
 _transposed_faster: Dict[Tuple[Tuple[int, int], torch.dtype], bool] = {}
 MARGIN = 1.1  # the transposed layout must be this much faster to be chosen (timings are noisy)
+SMALL_BYTES = 1 << 20  # below 1 MiB a product's fixed cost outweighs any layout: not timed, kept row-major
 
 
 @torch.inference_mode(False)  # generate runs in inference mode; parameters must stay trainable tensors
@@ -93,20 +95,28 @@ def _relayout(linear: nn.Linear) -> None:
 def _wants_transposed(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a matrix-vector product with an (out, in) = shape weight runs faster stored transposed: only
     ever for fp32 on a CPU, and only where measured (once per shape, on scratch matrices)."""
-    if device.type != "cpu" or dtype != torch.float32:
+    if device.type != "cpu" or dtype != torch.float32 or shape[0] * shape[1] * 4 < SMALL_BYTES:
         return False
     key = (tuple(shape), dtype)
     if key not in _transposed_faster:
-        row_major = torch.randn(shape, dtype=dtype)
-        transposed = row_major.t().contiguous().t()
-        _transposed_faster[key] = _matvec_seconds(transposed) * MARGIN < _matvec_seconds(row_major)
+        row_major, transposed = _matvec_seconds(shape, dtype, False), _matvec_seconds(shape, dtype, True)
+        _transposed_faster[key] = transposed * MARGIN < row_major
     return _transposed_faster[key]
 
 
-def _matvec_seconds(w: torch.Tensor, reps: int = 5) -> float:
-    x = torch.randn(1, w.shape[1], dtype=w.dtype)
-    F.linear(x, w)  # warm up
+def _matvec_seconds(shape: Tuple[int, int], dtype: torch.dtype, transposed: bool, reps: int = 3) -> float:
+    """Seconds per product as decoding runs it: from memory, not from cache (a model's weights are far larger
+    than the CPU's caches, and in-cache timings of small matrices pick the wrong layout). So enough copies
+    to fill 64 MiB are multiplied in turn."""
+    copies = max(1, (64 << 20) // (shape[0] * shape[1] * torch.finfo(dtype).bits // 8))
+    matrices = [torch.full(shape, 0.01, dtype=dtype) for _ in range(copies)]  # values do not matter here
+    if transposed:
+        matrices = [m.t().contiguous().t() for m in matrices]
+    x = torch.full((1, shape[1]), 0.01, dtype=dtype)
+    for m in matrices:  # warm up
+        F.linear(x, m)
     t0 = time.perf_counter()
     for _ in range(reps):
-        F.linear(x, w)
-    return time.perf_counter() - t0
+        for m in matrices:
+            F.linear(x, m)
+    return (time.perf_counter() - t0) / (reps * copies)
