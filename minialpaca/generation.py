@@ -148,8 +148,8 @@ def generate(
     done = [False] * B
 
     model.setup_cache(B, T + max_new_tokens)
-    packing.pack(model)
     try:
+        packing.pack(model)
         logits = prefill(model, tokens, positions, segments)  # (B, V)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
