@@ -58,6 +58,20 @@ def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr
 
 
 @_jit
+def _query_segments(SEG, SEG_FIRST, SEG_LAST, b, T, q_idx, q_ok, HAS_SEG: tl.constexpr):
+    """Each query row's segment id and its segment's first and last index; without segments, q_idx for all
+    three (placeholders that are never read)."""
+    q_seg = q_idx
+    seg_first = q_idx
+    seg_last = q_idx
+    if HAS_SEG:
+        q_seg = tl.load(SEG + b * T + q_idx, mask=q_ok, other=0)
+        seg_first = tl.load(SEG_FIRST + b * T + q_idx, mask=q_ok, other=0)
+        seg_last = tl.load(SEG_LAST + b * T + q_idx, mask=q_ok, other=0)
+    return q_seg, seg_first, seg_last
+
+
+@_jit
 def _key_range(start_m, T, seg_first, seg_last, q_ok,
                CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks a query block [start_m, start_m + BLOCK_M) needs: [lo, hi); those in [lo, full_end) need no
@@ -133,13 +147,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG, SEG_FIRST, SEG_LAST,
     q = _load_tile(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                    q_ok, d_ok, True, MASK_D)  # (BLOCK_M, BLOCK_D)
 
-    q_seg = q_idx  # placeholder when there are no segments
-    seg_first = q_idx
-    seg_last = q_idx
-    if HAS_SEG:
-        q_seg = tl.load(SEG + b * T + q_idx, mask=q_ok, other=0)
-        seg_first = tl.load(SEG_FIRST + b * T + q_idx, mask=q_ok, other=0)
-        seg_last = tl.load(SEG_LAST + b * T + q_idx, mask=q_ok, other=0)
+    q_seg, seg_first, seg_last = _query_segments(SEG, SEG_FIRST, SEG_LAST, b, T, q_idx, q_ok, HAS_SEG)
     lo, full_end, hi = _key_range(start_m, T, seg_first, seg_last, q_ok, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
 
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -346,13 +354,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEG, SEG_FIRST, SEG_LAST,
     lse = tl.load(LSE + bh.to(tl.int64) * T + q_idx, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * T + q_idx, mask=q_ok, other=0.0)
 
-    q_seg = q_idx
-    seg_first = q_idx
-    seg_last = q_idx
-    if HAS_SEG:
-        q_seg = tl.load(SEG + b * T + q_idx, mask=q_ok, other=0)
-        seg_first = tl.load(SEG_FIRST + b * T + q_idx, mask=q_ok, other=0)
-        seg_last = tl.load(SEG_LAST + b * T + q_idx, mask=q_ok, other=0)
+    q_seg, seg_first, seg_last = _query_segments(SEG, SEG_FIRST, SEG_LAST, b, T, q_idx, q_ok, HAS_SEG)
     lo, full_end, hi = _key_range(start_m, T, seg_first, seg_last, q_ok, CAUSAL, HAS_SEG, BLOCK_M, BLOCK_N)
 
     k_base = K + b * stride_kb + kvh * stride_kh
