@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -33,40 +33,51 @@ from minialpaca.presets import PRESETS, get_preset
 from minialpaca.tokenizer import Tokenizer
 
 
+def option(default, help: str):
+    """A TrainConfig field and its --help line."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    out: Optional[str] = None  # the run's directory; default runs/<preset>
-    preset: str = "tiny"  # a recipe below, or any model preset (trained from scratch)
-    model: Optional[str] = None  # pretrained weights to fine-tune, any format load_model reads
-    data: Optional[str] = None  # Alpaca JSON/JSONL; default: the bundled task suite
-    tokenizer: Optional[str] = None
-    epochs: float = 1.0
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule spans them)
-    global_batch_size: int = 32
-    micro_batch_size: int = 32
-    lr: float = 1e-3
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    max_seq_len: int = 512
-    packing: bool = False
-    group_by_length: bool = True
-    train_on_inputs: bool = False
-    seed: int = 0
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only on SIGTERM/SIGINT
-    keep_checkpoints: int = 2
-    resume: bool = False
-    eval_every: int = 0  # optimizer steps between held-out loss evaluations; 0: at the end only
-    kernels: str = "auto"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    dtype: Optional[str] = None  # float32 | bfloat16; default bf16 on CUDA, fp32 on CPU
-    device: Optional[str] = None
-    hf_export: bool = False
-    task_examples: int = 2000  # bundled suite: training records per task
-    eval_examples: int = 50  # held-out records per task (suite), or held-out records (own data)
-    max_new_tokens: int = 32  # for the final answers
+    # what to train, on what
+    out: Optional[str] = option(None, "the run's directory: checkpoints, metrics, export (default runs/<preset>)")
+    preset: str = option("tiny", "a recipe (tiny, alpaca-7b) or any model preset, trained from scratch")
+    model: Optional[str] = option(None, "pretrained weights to fine-tune, any format load_model reads")
+    data: Optional[str] = option(None, "Alpaca JSON/JSONL records (default: the bundled task suite)")
+    tokenizer: Optional[str] = option(None, "SentencePiece model (default: beside --model, or trained for the suite)")
+    # the schedule
+    epochs: float = option(1.0, "passes over the training data")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (the schedule spans them)")
+    global_batch_size: int = option(32, "examples per optimizer step, over all processes")
+    micro_batch_size: int = option(32, "examples per forward/backward on each process; gradients accumulate")
+    lr: float = option(1e-3, "peak learning rate, after linear warmup; cosine decay to 0")
+    warmup_ratio: float = option(0.03, "share of the steps spent warming up")
+    weight_decay: float = option(0.0, "AdamW weight decay, on matrices only (norm gains are never decayed)")
+    beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # how records become batches
+    max_seq_len: int = option(512, "tokens per example (or per packed row); longer responses are truncated")
+    packing: bool = option(False, "concatenate examples into full rows, attention kept within each example")
+    group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
+    train_on_inputs: bool = option(False, "learn the prompt tokens too, not only the response")
+    seed: int = option(0, "seeds the data order, the initial weights and the held-out split")
+    # checkpoints and evaluation
+    save_every: int = option(0, "optimizer steps between checkpoints; 0: only on SIGTERM/SIGINT")
+    keep_checkpoints: int = option(2, "complete checkpoints kept, older ones deleted; 0: keep all")
+    resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
+    eval_every: int = option(0, "optimizer steps between held-out loss evaluations; 0: at the end only")
+    # how the step runs
+    kernels: str = option("auto", "torch | triton | auto (Triton on CUDA tensors, PyTorch elsewhere)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the backward")
+    compile: bool = option(False, "torch.compile each transformer block")
+    dtype: Optional[str] = option(None, "float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    device: Optional[str] = option(None, "cuda | cpu (default: cuda when there is one)")
+    # the end of the run
+    hf_export: bool = option(False, "also export OUT/final-hf in Hugging Face's layout")
+    task_examples: int = option(2000, "bundled suite: training records per task")
+    eval_examples: int = option(50, "held-out records per task (suite), or held-out records (own data)")
+    max_new_tokens: int = option(32, "tokens generated for each held-out answer")
 
 
 # Named recipes: a model preset plus the hyper-parameters that go with it.
@@ -89,16 +100,28 @@ class ConfigError(ValueError):
     pass
 
 
+# (option, bound, strictly above it?): numbers outside these make no sense; refuse them before any work.
+RANGES = [("epochs", 0, True), ("lr", 0, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
+          ("max_seq_len", 1, False), ("max_steps", 1, False), ("max_new_tokens", 1, False),
+          ("warmup_ratio", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False), ("save_every", 0, False),
+          ("keep_checkpoints", 0, False), ("eval_every", 0, False), ("task_examples", 1, False),
+          ("eval_examples", 0, False)]
+
+
 def parse_args(argv=None) -> TrainConfig:
     """Every TrainConfig field is a flag; values not given come from the recipe, then the defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipes = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()) for name, recipe in RECIPES.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"A recipe's values replace the defaults above; flags replace both.\n{recipes}")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + ("" if f.default is None else f" [default: {f.default}]")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            # default=None tells "not given" apart from a given value, so a recipe can fill it in.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             typ = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            parser.add_argument(flag, type=typ, default=None, metavar=f.name.upper())
+            parser.add_argument(flag, type=typ, default=None, metavar=f.name.upper(), help=help)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
     if preset not in RECIPES and preset not in PRESETS:
@@ -110,6 +133,12 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**{**{k: v for k, v in recipe.items() if k in known}, **given})
     cfg.model_preset = recipe.get("model_preset", preset)
     cfg.out = cfg.out or f"runs/{preset}"
+    for name, lowest, strict in RANGES:
+        value = getattr(cfg, name)
+        if value is not None and (value <= lowest if strict else value < lowest):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'above' if strict else 'at least'} {lowest}, got {value}")
+    if cfg.warmup_ratio >= 1:
+        raise ConfigError(f"--warmup-ratio must be below 1, got {cfg.warmup_ratio}")
     if cfg.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {cfg.kernels!r}")
     if cfg.dtype not in (None, "float32", "bfloat16"):
@@ -396,7 +425,8 @@ def main(argv=None) -> int:
             # FSDP averages gradients over ranks; scaling by world_size turns that into the global sum.
             (loss * dist.world_size / n_targets).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # --grad-clip 0 turns clipping off: an infinite bound still measures the norm for the log.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
             grad_norm = grad_norm.full_tensor()
         loss = (distributed.all_reduce_sum(loss_sum) / n_targets).item()

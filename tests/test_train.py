@@ -171,6 +171,26 @@ def test_bad_input_is_one_clear_error(workdir, tmp_path, extra, message):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # no work started
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1, got 0"),
+    (["--lr", "0"], "--lr must be above 0, got 0.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be at least 0, got -1.0"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be below 1, got 1.5"),
+])
+def test_numbers_out_of_range_are_refused(flags, message, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from train import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
+def test_help_describes_every_option():
+    proc = subprocess.run([PY, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "clip the global gradient norm" in proc.stdout and "alpaca-7b: model_preset=llama-7b" in proc.stdout
+
+
 def test_tokenizer_that_does_not_fit_the_model(workdir, tmp_path):
     small = Tokenizer.train([r["output"] for r in make_records(96)] * 10, tmp_path / "small.model", vocab_size=330)
     out = tmp_path / "run"
