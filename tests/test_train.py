@@ -1,4 +1,5 @@
 """train.py end to end on the CPU: 1 vs 2 processes, exact resume, SIGTERM, sharded memory, export, errors."""
+import importlib.util
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from minialpaca.tokenizer import Tokenizer
 
@@ -147,9 +149,30 @@ def test_each_rank_holds_a_shard_of_params_and_optimizer(tmp_path):
 
 def test_export_answers_in_generate_py(workdir, tmp_path):
     out = tmp_path / "run"
-    run_train(base_args(workdir, out, "--epochs", "8", "--micro-batch-size", "8"))
+    run_train(base_args(workdir, out, "--epochs", "8", "--micro-batch-size", "8", "--save-every", "20",
+                        "--keep-checkpoints", "2", "--eval-every", "40", "--hf-export"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if not r.get("eval")]
+    last = steps[-1]["step"]
+    assert [r["step"] for r in steps] == list(range(1, last + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb"):
+        assert key in steps[0], key
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [r["step"] for r in rows if r.get("eval")] == [*range(40, last + 1, 40), *([last] if last % 40 else [])]
+    # Only the newest two of the checkpoints saved every 20 steps are kept.
+    saved = list(range(20, last + 1, 20))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(f"step-{s}" for s in saved[-2:])
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "loss.png").stat().st_size > 0
+
     final = out / "final"
     assert (final / "params.json").is_file() and (final / "model.safetensors").is_file() and (final / "tokenizer.model").is_file()
+    # The Hugging Face export holds the same model.
+    from minialpaca.checkpoint import load_model
+
+    ours, theirs = load_model(final), load_model(out / "final-hf")
+    tokens = torch.randint(0, ours.args.vocab_size, (1, 12))
+    torch.testing.assert_close(ours(tokens), theirs(tokens))
     proc = subprocess.run([PY, "generate.py", "--checkpoint", str(final), "--instruction", "Reverse the words.",
                            "--input", "red cat", "--max-new-tokens", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -177,8 +200,7 @@ def test_bad_input_is_one_clear_error(workdir, tmp_path, extra, message):
     (["--grad-clip", "-1"], "--grad-clip must be at least 0, got -1.0"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be below 1, got 1.5"),
 ])
-def test_numbers_out_of_range_are_refused(flags, message, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_numbers_out_of_range_are_refused(flags, message):
     from train import ConfigError, parse_args
 
     with pytest.raises(ConfigError, match=message):
