@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: 1 vs 2 processes, exact resume, SIGTERM, sharded memory, export, errors."""
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -211,6 +212,30 @@ def test_help_describes_every_option():
     proc = subprocess.run([PY, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "clip the global gradient norm" in proc.stdout and "alpaca-7b: model_preset=llama-7b" in proc.stdout
+
+
+def test_fine_tunes_pretrained_weights_loaded_into_shards(shared_data, tmp_path):
+    """stories260K (Meta's format) fine-tuned on 2 processes: rank 0 reads the weights and each rank gets its
+    shards. The first loss is a pretrained model's, not a random one's, and the export is those weights
+    moved by two small steps."""
+    from minialpaca.checkpoint import read_checkpoint
+
+    stories = shared_data / "stories260K" / "meta"
+    records = [{"instruction": "Tell a story.", "input": "", "output": "Once upon a time, there was a little girl named "
+                f"{name}. She liked to play with her {toy} in the park."}
+               for name in ("Lily", "Tom", "Sue", "Ben") for toy in ("ball", "dog", "kite")]
+    (tmp_path / "stories.json").write_text(json.dumps(records))
+    out = tmp_path / "ft"
+    run_train(["--model", str(stories), "--data", str(tmp_path / "stories.json"), "--out", str(out),
+               "--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2", "--lr", "1e-5",
+               "--warmup-ratio", "0", "--eval-examples", "1", "--max-new-tokens", "4", "--device", "cpu"], nproc=2)
+    losses = train_losses(out)
+    assert losses[1] < 0.6 * math.log(512), losses  # a random 512-word model starts at ln(512)
+    _, pretrained = read_checkpoint(stories, dtype=torch.float32)
+    _, tuned = read_checkpoint(out / "final")
+    assert pretrained.keys() == tuned.keys()
+    moved = max((tuned[k] - pretrained[k]).abs().max().item() for k in pretrained)
+    assert 0 < moved < 1e-4  # Adam moves each weight by at most about lr per step
 
 
 def test_tokenizer_that_does_not_fit_the_model(workdir, tmp_path):
