@@ -50,7 +50,8 @@ class TrainConfig:
     epochs: float = option(1.0, "passes over the training data")
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps (the schedule spans them)")
     global_batch_size: int = option(32, "examples per optimizer step, over all processes")
-    micro_batch_size: int = option(32, "examples per forward/backward on each process; gradients accumulate")
+    micro_batch_size: int = option(32, "examples per forward/backward on each process, at most its share of the "
+                                       "global batch; gradients accumulate over the rest")
     lr: float = option(1e-3, "peak learning rate, after linear warmup; cosine decay to 0")
     warmup_ratio: float = option(0.03, "share of the steps spent warming up")
     weight_decay: float = option(0.0, "AdamW weight decay, on matrices only (norm gains are never decayed)")
@@ -146,12 +147,20 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-def check_batch_sizes(cfg: TrainConfig, world_size: int):
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.global_batch_size % per_step:
+def fit_batch_sizes(cfg: TrainConfig, world_size: int, log):
+    """Each process takes an equal share of the global batch, in micro-batches of at most --micro-batch-size:
+    a recipe's micro-batch is capped at that share, so the same command runs on 1 process or N."""
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} does not split evenly over {world_size} processes")
+    share = cfg.global_batch_size // world_size
+    if cfg.micro_batch_size > share:
+        log(f"micro-batch {cfg.micro_batch_size} is more than each process's share of the global batch "
+            f"({cfg.global_batch_size} / {world_size} processes): using {share}")
+        cfg.micro_batch_size = share
+    if share % cfg.micro_batch_size:
         raise ConfigError(
             f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size} x {world_size} processes = {per_step}"
+            f"{cfg.micro_batch_size} x {world_size} processes = {cfg.micro_batch_size * world_size}"
         )
 
 
@@ -324,7 +333,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     dist = distributed.setup(cfg.device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
-    check_batch_sizes(cfg, dist.world_size)
+    fit_batch_sizes(cfg, dist.world_size, log)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if dist.device.type == "cuda" else "float32"))

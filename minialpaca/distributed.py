@@ -96,8 +96,12 @@ def apply_compile(model):
 def shard_model(model, param_dtype: torch.dtype = torch.float32):
     """FSDP2: shard every block, then the root (embeddings, final norm, output). Each block's parameters
     are gathered just before it runs and freed right after, so a rank holds 1/world_size of the model
-    plus one block at a time. Gradients are reduced in fp32 even when compute runs in bf16."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    plus one block at a time. Gradients are reduced in fp32 even when compute runs in bf16.
+
+    Inputs are not cast: the residual stream is already in the parameters' dtype (it starts at the
+    embedding), and the rotary tables must stay fp32, as in Meta's reference: a bf16 cos/sin would put
+    errors of 1 part in 256 into every rotation (and complex numbers have no bf16 at all)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keeping them saves a gather.
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)

@@ -208,6 +208,23 @@ def test_numbers_out_of_range_are_refused(flags, message):
         parse_args(flags)
 
 
+def test_micro_batch_is_capped_at_each_process_share():
+    """The tiny recipe (global batch 16, micro-batch 16) must run on 2 processes too: 8 each."""
+    from train import ConfigError, fit_batch_sizes, parse_args
+
+    said = []
+    cfg = parse_args([])
+    fit_batch_sizes(cfg, 2, said.append)
+    assert (cfg.global_batch_size, cfg.micro_batch_size) == (16, 8) and "using 8" in said[0]
+    cfg = parse_args(["--global-batch-size", "16", "--micro-batch-size", "4"])
+    fit_batch_sizes(cfg, 2, said.append)
+    assert cfg.micro_batch_size == 4  # 2 micro-batches of 4 on each process
+    with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
+        fit_batch_sizes(parse_args([]), 3, said.append)
+    with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3 x 2 processes"):
+        fit_batch_sizes(parse_args(["--micro-batch-size", "3"]), 2, said.append)
+
+
 def test_help_describes_every_option():
     proc = subprocess.run([PY, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
@@ -280,6 +297,20 @@ def test_packing_with_activation_checkpointing(workdir, tmp_path):
     assert runs["plain"].keys() == runs["ac"].keys() == {1, 2, 3}
     for step in runs["plain"]:
         assert abs(runs["plain"][step] - runs["ac"][step]) < 1e-6
+
+
+def test_bf16_mixed_precision_on_two_processes(workdir, tmp_path):
+    """FSDP2's bf16 policy (what GPUs run) on CPU processes: the blocks compute in bf16 while the rotary
+    tables stay fp32, and the losses follow fp32's within bf16's precision."""
+    runs = {}
+    for name, nproc, extra in [("fp32", 1, []), ("bf16", 2, ["--dtype", "bfloat16", "--micro-batch-size", "4"])]:
+        run_train(base_args(workdir, tmp_path / name, "--max-steps", "3", *extra), nproc=nproc)
+        runs[name] = train_losses(tmp_path / name)
+    assert runs["fp32"].keys() == runs["bf16"].keys() == {1, 2, 3}
+    for step, loss in runs["fp32"].items():
+        assert abs(runs["bf16"][step] - loss) < 0.02 * loss, (step, loss, runs["bf16"][step])
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
 
 
 def test_triton_kernels_inside_fsdp2_blocks(workdir, tmp_path):
