@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from minialpaca import distributed
-from minialpaca.checkpoint import CheckpointError, check_tokenizer, find_tokenizer, read_checkpoint, save_state_dict
+from minialpaca.checkpoint import (CheckpointError, build_model, check_tokenizer, find_tokenizer, read_checkpoint,
+                                   save_state_dict)
 from minialpaca.data import (DataError, StepSampler, collate, encode_records, example_length, format_prompt,
                              load_records, pack_examples, pad_id_for)
 from minialpaca.generation import generate
@@ -224,7 +225,7 @@ def model_args(cfg: TrainConfig, tokenizer: Tokenizer, dist: distributed.Dist):
     return args, pretrained
 
 
-def build_model(cfg: TrainConfig, args: ModelArgs, pretrained, dist: distributed.Dist, param_dtype: torch.dtype):
+def build_training_model(cfg: TrainConfig, args: ModelArgs, pretrained, dist: distributed.Dist, param_dtype: torch.dtype):
     """The model on the meta device, then sharded, then filled: rank 0 holds the weights (or makes the
     initial ones) on the CPU and each rank receives only its shards."""
     with torch.device("meta"):
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
         elif (saved := json.loads((resume_from / "trainer_state.json").read_text())["model_args"]) != args.to_dict():
             raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved} vs this run's {args.to_dict()}")
 
-    model = build_model(cfg, args, pretrained, dist, dtype)
+    model = build_training_model(cfg, args, pretrained, dist, dtype)
     del pretrained
     optimizer = build_optimizer(model, cfg, dist.device)
     # On one process, bf16 compute comes from autocast; under FSDP2 from its mixed-precision policy.
@@ -490,9 +491,8 @@ def finish(cfg, model, args, tokenizer, held_out, dist, out, metrics_path, log):
         save_state_dict(state_dict, args, out / "final-hf", tokenizer.path, format="hf")
     log(f"exported {final} (load it with minialpaca.load_model or generate.py)")
 
-    plain = Transformer(args)
-    plain.load_state_dict(state_dict)
-    plain.to(dist.device).eval()
+    # An unsharded copy for decoding, built around the exported tensors (no random init of a 7B model).
+    plain = build_model(args, state_dict, device=dist.device)
     prompts = [tokenizer.encode(format_prompt(r["instruction"], r.get("input", ""))) for r in held_out]
     answers = []
     for i in range(0, len(prompts), 64):
