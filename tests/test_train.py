@@ -299,16 +299,19 @@ def test_packing_with_activation_checkpointing(workdir, tmp_path):
         assert abs(runs["plain"][step] - runs["ac"][step]) < 1e-6
 
 
-def test_bf16_mixed_precision_on_two_processes(workdir, tmp_path):
-    """FSDP2's bf16 policy (what GPUs run) on CPU processes: the blocks compute in bf16 while the rotary
-    tables stay fp32, and the losses follow fp32's within bf16's precision."""
+def test_bf16_on_one_and_two_processes(workdir, tmp_path):
+    """bf16 as GPUs run it, on CPU processes: autocast on one process; FSDP2's mixed-precision policy on two,
+    where the blocks compute in bf16 while the rotary tables stay fp32. Losses follow fp32's within bf16's
+    precision."""
     runs = {}
-    for name, nproc, extra in [("fp32", 1, []), ("bf16", 2, ["--dtype", "bfloat16", "--micro-batch-size", "4"])]:
+    for name, nproc, extra in [("fp32", 1, []), ("bf16-autocast", 1, ["--dtype", "bfloat16"]),
+                               ("bf16", 2, ["--dtype", "bfloat16", "--micro-batch-size", "4"])]:
         run_train(base_args(workdir, tmp_path / name, "--max-steps", "3", *extra), nproc=nproc)
         runs[name] = train_losses(tmp_path / name)
-    assert runs["fp32"].keys() == runs["bf16"].keys() == {1, 2, 3}
-    for step, loss in runs["fp32"].items():
-        assert abs(runs["bf16"][step] - loss) < 0.02 * loss, (step, loss, runs["bf16"][step])
+    for name in ("bf16-autocast", "bf16"):
+        assert runs[name].keys() == runs["fp32"].keys() == {1, 2, 3}
+        for step, loss in runs["fp32"].items():
+            assert abs(runs[name][step] - loss) < 0.02 * loss, (name, step, loss, runs[name][step])
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
 
