@@ -265,6 +265,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args.head_dim, 2 * self.args.max_seq_len, self.args.rope_theta, device)
         self.rope_cos, self.rope_sin = cos, sin
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, `.bfloat16()` cast every floating buffer; the rotary tables must stay fp32
+        (Meta builds them in fp32: in bf16 every angle would be off by up to 1 part in 256), so after such a
+        cast they are rebuilt in fp32 wherever they now are."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.reset_rope(self.rope_cos.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None):
         """GPT-2 style init: N(0, 0.02), with the projections into the residual stream (wo, w2) scaled by

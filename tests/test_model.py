@@ -164,3 +164,19 @@ def test_blocks_compile_whole_with_dynamic_shapes():
         (grad,) = torch.autograd.grad(out.sum(), x)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_the_model_keeps_the_rotary_tables_fp32(dtype):
+    """model.to(bf16) casts every floating buffer; the rotary tables are rebuilt in fp32, as Meta keeps them,
+    and the cast model still runs (complex numbers have no bf16) and gives the fp32 model's logits."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=256))
+    tokens = torch.randint(0, 256, (2, 16))
+    expected = model(tokens)
+    cos = model.rope_cos.clone()
+    model.to(dtype)
+    assert model.tok_embeddings.weight.dtype == dtype
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert torch.equal(model.rope_cos, cos)
+    torch.testing.assert_close(model(tokens), expected, atol=0.05, rtol=0.05)
