@@ -86,6 +86,16 @@ def test_two_processes_match_one_and_resume_is_exact(workdir, tmp_path):
     assert "resumed from" in proc.stderr and "step-2" in proc.stderr
     assert train_losses(one) == l1  # metrics.jsonl rewritten from step 3 on, with identical numbers
 
+    # A checkpoint written by 1 process resumes on 2 (DCP reshards it): the same losses again.
+    for name in ("step-4", "step-6"):
+        shutil.rmtree(one / "checkpoints" / name)
+    shutil.rmtree(one / "final")
+    run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--resume", "--micro-batch-size", "1"), nproc=2)
+    resumed = train_losses(one)
+    assert resumed.keys() == l1.keys()
+    for step in l1:
+        assert abs(resumed[step] - l1[step]) < 1e-5, (step, l1[step], resumed[step])
+
 
 def test_sigterm_saves_a_loadable_checkpoint(workdir, tmp_path):
     out = tmp_path / "run"
