@@ -102,6 +102,12 @@ class ConfigError(ValueError):
     pass
 
 
+# The options that decide the data order, the schedule and the updates: a resumed run that changes one of
+# them does not continue the interrupted run exactly (it warns).
+SHAPES_THE_RUN = ("model", "data", "tokenizer", "epochs", "max_steps", "global_batch_size", "lr", "warmup_ratio",
+                  "weight_decay", "beta2", "grad_clip", "max_seq_len", "packing", "group_by_length", "train_on_inputs",
+                  "seed", "dtype", "task_examples")
+
 # (option, bound, strictly above it?): numbers outside these make no sense; refuse them before any work.
 RANGES = [("epochs", 0, True), ("lr", 0, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
           ("max_seq_len", 1, False), ("max_steps", 1, False), ("max_new_tokens", 1, False),
@@ -373,8 +379,17 @@ def main(argv=None) -> int:
         resume_from = found[-1] if found else None
         if resume_from is None:
             log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
-        elif (saved := json.loads((resume_from / "trainer_state.json").read_text())["model_args"]) != args.to_dict():
-            raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved} vs this run's {args.to_dict()}")
+        else:
+            saved = json.loads((resume_from / "trainer_state.json").read_text())
+            if saved["model_args"] != args.to_dict():
+                raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved['model_args']} "
+                                  f"vs this run's {args.to_dict()}")
+            # Allowed, but then the run is no longer the one that was interrupted: say so.
+            before = saved.get("config", {})
+            changed = [f"--{k.replace('_', '-')} {v} (was {before[k]})" for k, v in asdict(cfg).items()
+                       if k in SHAPES_THE_RUN and k in before and before[k] != v]
+            if changed:
+                log(f"warning: resuming with other settings than {resume_from.name} had: {', '.join(changed)}")
 
     model = build_training_model(cfg, args, pretrained, dist, dtype)
     del pretrained

@@ -276,6 +276,9 @@ def test_tokenizer_that_does_not_fit_the_model(workdir, tmp_path):
 def test_resume_with_another_model_shape_is_refused(workdir, tmp_path):
     out = tmp_path / "run"
     run_train(base_args(workdir, out, "--max-steps", "2", "--save-every", "1"))
+    # Other settings are allowed, with a warning that names them.
+    proc = run_train(base_args(workdir, out, "--max-steps", "3", "--save-every", "1", "--resume", "--lr", "1e-3"))
+    assert "warning: resuming with other settings than step-2 had: --max-steps 3 (was 2), --lr 0.001 (was 0.003)" in proc.stderr
     proc = run_train(base_args(workdir, out, "--max-steps", "3", "--resume", "--preset", "small-60m"), check=False)
     assert proc.returncode == 2 and "another model shape" in proc.stderr
 
