@@ -82,15 +82,16 @@ def test_two_processes_match_one_and_resume_is_exact(workdir, tmp_path):
     for name in ("step-4", "step-6"):
         shutil.rmtree(one / "checkpoints" / name)
     shutil.rmtree(one / "final")
-    proc = run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--resume"))
-    assert "resumed from" in proc.stderr and "step-2" in proc.stderr
+    proc = run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "5", "--resume"))
+    assert f"resumed from {one / 'checkpoints' / 'step-2'} at step 2" in proc.stderr
     assert train_losses(one) == l1  # metrics.jsonl rewritten from step 3 on, with identical numbers
 
     # A checkpoint written by 1 process resumes on 2 (DCP reshards it): the same losses again.
     for name in ("step-4", "step-6"):
         shutil.rmtree(one / "checkpoints" / name)
     shutil.rmtree(one / "final")
-    run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--resume", "--micro-batch-size", "1"), nproc=2)
+    proc = run_train(base_args(workdir, one, "--max-steps", "6", "--save-every", "2", "--resume", "--micro-batch-size", "1"), nproc=2)
+    assert f"resumed from {one / 'checkpoints' / 'step-2'} at step 2" in proc.stderr
     resumed = train_losses(one)
     assert resumed.keys() == l1.keys()
     for step in l1:
