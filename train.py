@@ -374,6 +374,10 @@ def main(argv=None) -> int:
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
 
     resume_from = None
+    if not cfg.resume and (earlier := distributed.list_checkpoints(ckpt_root)):
+        # A fresh run would mix its checkpoints with these, and keep-last-K would delete by step number.
+        raise ConfigError(f"{ckpt_root} holds an earlier run's checkpoints (newest: {earlier[-1].name}): pass --resume "
+                          f"to continue it, or another --out (or remove {ckpt_root}) to start over")
     if cfg.resume:
         found = distributed.list_checkpoints(ckpt_root)
         resume_from = found[-1] if found else None

@@ -282,6 +282,10 @@ def test_resume_with_another_model_shape_is_refused(workdir, tmp_path):
     assert "warning: resuming with other settings than step-2 had: --max-steps 3 (was 2), --lr 0.001 (was 0.003)" in proc.stderr
     proc = run_train(base_args(workdir, out, "--max-steps", "3", "--resume", "--preset", "small-60m"), check=False)
     assert proc.returncode == 2 and "another model shape" in proc.stderr
+    # Forgetting --resume does not start a second run among the first one's checkpoints.
+    proc = run_train(base_args(workdir, out, "--max-steps", "3"), check=False)
+    assert proc.returncode == 2 and "holds an earlier run's checkpoints (newest: step-3): pass --resume" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
 def test_nan_loss_stops_without_overwriting_a_checkpoint(workdir, tmp_path):
