@@ -274,6 +274,13 @@ def test_tokenizer_that_does_not_fit_the_model(workdir, tmp_path):
     assert proc.returncode == 2 and "vocab" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_resume_without_a_checkpoint_starts_from_scratch(workdir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(base_args(workdir, out, "--max-steps", "1", "--resume"))
+    assert "no complete checkpoint" in proc.stderr and "starting from scratch" in proc.stderr
+    assert train_losses(out).keys() == {1}
+
+
 def test_resume_with_another_model_shape_is_refused(workdir, tmp_path):
     out = tmp_path / "run"
     run_train(base_args(workdir, out, "--max-steps", "2", "--save-every", "1"))
