@@ -418,9 +418,18 @@ def main(argv=None) -> int:
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "model_args": args.to_dict()}, indent=2))
         keep_metrics_up_to(metrics_path, step)  # a resumed run rewrites the steps after its checkpoint
 
+    # SIGTERM (preemption) or Ctrl-C: finish this step, save, stop. A second Ctrl-C quits at once.
     stop_signal = []
+
+    def on_signal(signum, frame):
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        log(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint"
+            + (" (Ctrl-C again to quit now, without one)" if signum == signal.SIGINT else ""))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+        signal.signal(sig, on_signal)
 
     def save(step):
         state = {"step": step, "model_args": args.to_dict(), "config": asdict(cfg),
@@ -584,3 +593,6 @@ if __name__ == "__main__":
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the second Ctrl-C; an unfinished save stays a .tmp that --resume ignores
+        print("interrupted: no checkpoint of this step", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -122,6 +122,29 @@ def test_sigterm_saves_a_loadable_checkpoint(workdir, tmp_path):
     assert f"resumed from {ckpts[0]}" in proc.stderr
 
 
+def test_second_ctrl_c_quits_at_once_without_a_checkpoint(workdir, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    # small-60m's steps take about a second here: time for the second Ctrl-C to land mid-step.
+    cmd = [PY, "train.py", *base_args(workdir, out, "--epochs", "100", "--preset", "small-60m")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        while time.time() < deadline and "Ctrl-C again" not in log.read_text():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGINT, text[-3000:]
+    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to quit now" in text
+    assert "interrupted: no checkpoint of this step" in text and "Traceback" not in text
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
 SHARD_SCRIPT = """
 import json, sys, torch
 from minialpaca import distributed
