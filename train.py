@@ -373,27 +373,25 @@ def main(argv=None) -> int:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
 
-    resume_from = None
-    if not cfg.resume and (earlier := distributed.list_checkpoints(ckpt_root)):
+    found = distributed.list_checkpoints(ckpt_root)
+    if found and not cfg.resume:
         # A fresh run would mix its checkpoints with these, and keep-last-K would delete by step number.
-        raise ConfigError(f"{ckpt_root} holds an earlier run's checkpoints (newest: {earlier[-1].name}): pass --resume "
+        raise ConfigError(f"{ckpt_root} holds an earlier run's checkpoints (newest: {found[-1].name}): pass --resume "
                           f"to continue it, or another --out (or remove {ckpt_root}) to start over")
-    if cfg.resume:
-        found = distributed.list_checkpoints(ckpt_root)
-        resume_from = found[-1] if found else None
-        if resume_from is None:
-            log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
-        else:
-            saved = json.loads((resume_from / "trainer_state.json").read_text())
-            if saved["model_args"] != args.to_dict():
-                raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved['model_args']} "
-                                  f"vs this run's {args.to_dict()}")
-            # Allowed, but then the run is no longer the one that was interrupted: say so.
-            before = saved.get("config", {})
-            changed = [f"--{k.replace('_', '-')} {v} (was {before[k]})" for k, v in asdict(cfg).items()
-                       if k in SHAPES_THE_RUN and k in before and before[k] != v]
-            if changed:
-                log(f"warning: resuming with other settings than {resume_from.name} had: {', '.join(changed)}")
+    resume_from = found[-1] if found else None
+    if cfg.resume and resume_from is None:
+        log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if saved["model_args"] != args.to_dict():
+            raise ConfigError(f"checkpoint {resume_from} is of another model shape: {saved['model_args']} "
+                              f"vs this run's {args.to_dict()}")
+        # Allowed, but then the run is no longer the one that was interrupted: say so.
+        before = saved.get("config", {})
+        changed = [f"--{k.replace('_', '-')} {v} (was {before[k]})" for k, v in asdict(cfg).items()
+                   if k in SHAPES_THE_RUN and k in before and before[k] != v]
+        if changed:
+            log(f"warning: resuming with other settings than {resume_from.name} had: {', '.join(changed)}")
 
     model = build_training_model(cfg, args, pretrained, dist, dtype)
     del pretrained
