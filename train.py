@@ -501,16 +501,17 @@ def main(argv=None) -> int:
             distributed.teardown()
             return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
 
-    finish(cfg, model, args, tokenizer, held_out, dist, out, metrics_path, log)
+    # The whole model on rank 0's CPU: the last collective. Every rank then leaves the group together, and
+    # what is left (export, answers) is rank 0's alone and needs no group.
+    state_dict = distributed.full_state_dict(model) if dist.sharded else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     distributed.teardown()
+    if dist.is_main:
+        finish(cfg, state_dict, args, tokenizer, held_out, dist.device, out, metrics_path, log)
     return 0
 
 
-def finish(cfg, model, args, tokenizer, held_out, dist, out, metrics_path, log):
-    """Export the model, then (on rank 0) answer the held-out instructions with it."""
-    state_dict = distributed.full_state_dict(model) if dist.sharded else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if not dist.is_main:
-        return
+def finish(cfg, state_dict, args, tokenizer, held_out, device, out, metrics_path, log):
+    """Export the model, then answer the held-out instructions with it."""
     final = out / "final"
     save_state_dict(state_dict, args, final, tokenizer.path)
     if cfg.hf_export:
@@ -518,7 +519,7 @@ def finish(cfg, model, args, tokenizer, held_out, dist, out, metrics_path, log):
     log(f"exported {final} (load it with minialpaca.load_model or generate.py)")
 
     # An unsharded copy for decoding, built around the exported tensors (no random init of a 7B model).
-    plain = build_model(args, state_dict, device=dist.device)
+    plain = build_model(args, state_dict, device=device)
     prompts = [tokenizer.encode(format_prompt(r["instruction"], r.get("input", ""))) for r in held_out]
     answers = []
     for i in range(0, len(prompts), 64):

@@ -56,9 +56,9 @@ def setup(device: Optional[str] = None) -> Dist:
 
 
 def teardown():
-    """Leave the group together. A rank that destroys it and exits while another still works (rank 0
-    exports and decodes at the end) could abort on its way out: "terminate called without an active
-    exception", exit code -6, and torchrun reports the whole run failed."""
+    """Leave the group together. A rank that destroyed it and exited while another still used it could
+    abort on its way out ("terminate called without an active exception", exit code -6), and torchrun
+    then reports the whole run failed."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
